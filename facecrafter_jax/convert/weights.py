@@ -100,7 +100,7 @@ def build_key_map(
         leaf = path[-1]
         if leaf not in _LEAF_TO_TORCH:
             raise WeightConversionError(f"no PyTorch name rule for parameter leaf {leaf!r} at {flax_path_str(path)}")
-        ndim = np.ndim(var.value if hasattr(var, "value") else var)
+        ndim = np.ndim(var.get_value())
         if leaf == "kernel":
             transform = {4: "conv", 2: "linear"}.get(ndim)
             if transform is None:
@@ -238,7 +238,7 @@ def load_torch_state(
     for r in rules:
         value = r.to_flax(np.asarray(state[r.torch_key]))
         target = current[r.flax_path]
-        target_value = target.value if hasattr(target, "value") else target
+        target_value = target.get_value()
         if tuple(value.shape) != tuple(target_value.shape):
             raise WeightConversionError(
                 f"shape mismatch for {r.torch_key!r}: checkpoint {tuple(state[r.torch_key].shape)} "
@@ -247,7 +247,7 @@ def load_torch_state(
         updates[r.flax_path] = jnp.asarray(value, dtype=target_value.dtype)
     new_state = nnx.state(module, variable_type)
     for path, var in nnx.to_flat_state(new_state):
-        var.value = updates[path]
+        var.set_value(updates[path])
     nnx.update(module, new_state)
 
 
@@ -257,7 +257,7 @@ def export_torch_state(module: nnx.Module, rules: list[KeyRule], *, variable_typ
     out = {}
     for r in rules:
         var = flat[r.flax_path]
-        out[r.torch_key] = np.ascontiguousarray(r.to_torch(np.asarray(var.value if hasattr(var, "value") else var)))
+        out[r.torch_key] = np.ascontiguousarray(r.to_torch(np.asarray(var.get_value())))
     return out
 
 
@@ -271,7 +271,7 @@ def save_flax_params(module: nnx.Module, directory: str, config: dict, *, variab
     from safetensors.numpy import save_file
 
     os.makedirs(directory, exist_ok=True)
-    flat = {flax_path_str(p): np.ascontiguousarray(np.asarray(v.value if hasattr(v, "value") else v))
+    flat = {flax_path_str(p): np.ascontiguousarray(np.asarray(v.get_value()))
             for p, v in nnx.to_flat_state(nnx.state(module, variable_type))}
     save_file(flat, os.path.join(directory, "model.safetensors"), metadata={"format": "facecrafter-flax"})
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -296,8 +296,8 @@ def load_flax_params(module: nnx.Module, directory: str, *, variable_type=nnx.Pa
             f"{path}: missing key(s) {missing[:20]}; unused key(s) {unused[:20]}")
     for p, var in flat:
         key = flax_path_str(p)
-        cur = var.value
+        cur = var.get_value()
         if tuple(stored[key].shape) != tuple(cur.shape):
             raise WeightConversionError(f"{path}: shape mismatch for {key!r}: stored {stored[key].shape}, model {cur.shape}")
-        var.value = jnp.asarray(stored[key], dtype=cur.dtype)
+        var.set_value(jnp.asarray(stored[key], dtype=cur.dtype))
     nnx.update(module, state)
