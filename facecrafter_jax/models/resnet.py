@@ -22,17 +22,24 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, dtype, rngs: nnx.Rngs, *, strid
 
 
 class ResnetBlock2D(nnx.Module):
-    """GroupNorm -> SiLU -> conv3x3 (+ time embedding) -> GroupNorm -> SiLU -> conv3x3, plus shortcut."""
+    """GroupNorm -> SiLU -> conv3x3 (+ time embedding) -> GroupNorm -> SiLU -> dropout -> conv3x3, plus shortcut.
+
+    The sum is divided by ``output_scale_factor`` (diffusers' ``mid_block_scale_factor``; 1.0 almost always).
+    """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, *, temb_channels: int | None = 512,
-                 groups: int = 32, eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+                 groups: int = 32, eps: float = 1e-6, dropout: float = 0.0, output_scale_factor: float = 1.0,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         out_channels = out_channels or in_channels
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.output_scale_factor = output_scale_factor
         self.norm1 = group_norm(in_channels, groups, eps, dtype, rngs)
         self.conv1 = conv2d(in_channels, out_channels, 3, dtype, rngs)
         self.time_emb_proj = (nnx.Linear(temb_channels, out_channels, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
                               if temb_channels is not None else None)
         self.norm2 = group_norm(out_channels, groups, eps, dtype, rngs)
+        # Dropout between norm2/SiLU and conv2 (diffusers' order); rate 0 is a no-op and needs no rng.
+        self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
         self.conv2 = conv2d(out_channels, out_channels, 3, dtype, rngs)
         self.conv_shortcut = conv2d(in_channels, out_channels, 1, dtype, rngs) if in_channels != out_channels else None
 
@@ -40,10 +47,13 @@ class ResnetBlock2D(nnx.Module):
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         if temb is not None and self.time_emb_proj is not None:
             h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        h = self.conv2(self.dropout(jax.nn.silu(self.norm2(h))))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
 
 
 class Downsample2D(nnx.Module):
