@@ -1,0 +1,369 @@
+"""grain input pipeline over record shards: shuffle, repeat, per-process slice, decode, batch, device put.
+
+Order of operations (one grain ``MapDataset`` chain, identical on every process)::
+
+    MapDataset.source(ArrayRecordDataSource(shards))
+      .seed(seed) -> .shuffle()           index shuffle, a different permutation each epoch (seed + epoch)
+      .repeat(num_epochs)                 None = forever
+      [process_index::process_count]      each process gets a disjoint, interleaved slice
+      .map(decode)                        bytes -> dict of numpy arrays (np.frombuffer)
+      .batch(global_batch // process_count, drop_remainder=True)
+      .to_iter_dataset(ReadOptions)       threads in the reading process
+      .mp_prefetch(worker_count)          optional worker processes (each takes every worker_count-th batch)
+    then, in the training process: jax.make_array_from_process_local_data(sharding, batch)
+
+Every process must use the same ``seed`` (so all see the same global permutation) and the same
+``global_batch_size``. The iterator state (a small JSON dict per process) is saved with orbax, see
+:func:`save_iterator_state` / :func:`restore_iterator_state` and :func:`iterator_save_args` /
+:func:`iterator_restore_args` for putting it into the training checkpoint's ``ocp.args.Composite``.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from facecrafter_jax.data import records as R
+
+STATE_VERSION = 1
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside ``absl.app.run`` (e.g. pytest) mark them parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class DecodeRecord:
+    """Picklable grain map: record bytes -> dict of the selected fields (numpy arrays; image_id a str)."""
+
+    def __init__(self, resolution: int, latent_dtype: str, fields: Sequence[str] | None = None):
+        self.resolution = resolution
+        self.latent_dtype = latent_dtype
+        self.fields = tuple(R.FIELDS if fields is None else fields)
+        unknown = sorted(set(self.fields) - set(R.FIELDS))
+        if unknown:
+            raise R.RecordError(f"unknown field(s) {unknown} requested; record fields are {list(R.FIELDS)}")
+        self._codec = R.RecordCodec(resolution, latent_dtype)
+
+    def __call__(self, data: bytes) -> dict[str, Any]:
+        rec = self._codec.decode(data)
+        return {k: rec[k] for k in self.fields}
+
+    def __getstate__(self):
+        return {"resolution": self.resolution, "latent_dtype": self.latent_dtype, "fields": self.fields}
+
+    def __setstate__(self, state):
+        self.__init__(state["resolution"], state["latent_dtype"], state["fields"])
+
+
+def data_sharding(mesh: jax.sharding.Mesh | None = None, axis: str | tuple[str, ...] = "data"):
+    """``NamedSharding`` splitting the batch dimension over ``axis`` of ``mesh``.
+
+    Without ``mesh``: a 1-D mesh named ``"data"`` over all devices (pure data parallelism).
+    """
+    if mesh is None:
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """Everything that determines the sequence of batches; stored with the iterator state and checked on restore."""
+
+    shards: tuple[tuple[str, int], ...]
+    resolution: int
+    latent_dtype: str
+    fields: tuple[str, ...]
+    seed: int
+    shuffle: bool
+    num_epochs: int | None
+    global_batch_size: int
+    process_index: int
+    process_count: int
+    worker_count: int
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shards"] = [list(s) for s in self.shards]
+        d["fields"] = list(self.fields)
+        return d
+
+
+class InputPipeline:
+    """Iterator over training batches with a checkpointable position.
+
+    ``next(pipeline)`` returns a dict of per-process batches: numeric fields as global ``jax.Array`` placed
+    with ``sharding`` (or numpy arrays when ``sharding`` is ``None``); ``image_id`` (if requested) stays a
+    numpy array of str on the host. ``get_state()`` / ``set_state()`` describe the position after the last
+    batch returned, even though up to ``device_prefetch`` batches are already fetched ahead.
+
+    Build it with :func:`make_pipeline`.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, spec: PipelineSpec, sharding=None, device_prefetch: int = 2):
+        self.dataset = dataset
+        self.spec = spec
+        self.sharding = sharding
+        self.device_prefetch = max(1, int(device_prefetch))
+        self._iterator = None
+        self._buffer: collections.deque = collections.deque()
+        self._state = None
+
+    @property
+    def process_index(self) -> int:
+        return self.spec.process_index
+
+    @property
+    def process_count(self) -> int:
+        return self.spec.process_count
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.spec.global_batch_size // self.spec.process_count
+
+    @property
+    def iterator(self) -> grain.DatasetIterator:
+        """The underlying grain iterator (host numpy batches); created on first use."""
+        if self._iterator is None:
+            if self.spec.worker_count > 0:
+                _ensure_absl_flags_parsed()
+            self._iterator = iter(self.dataset)
+            self._state = None
+        return self._iterator
+
+    def __iter__(self) -> "InputPipeline":
+        return self
+
+    def _put(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.sharding is None:
+            return batch
+        numeric = {k: v for k, v in batch.items() if v.dtype.kind in "fiub"}
+        out = dict(batch)
+        out.update(jax.make_array_from_process_local_data(
+            {k: self.sharding for k in numeric}, numeric))
+        return out
+
+    def __next__(self) -> dict[str, Any]:
+        it = self.iterator
+        if self._state is None and not self._buffer:
+            self._state = copy.deepcopy(it.get_state())
+        while len(self._buffer) < self.device_prefetch:
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            self._buffer.append((self._put(batch), copy.deepcopy(it.get_state())))
+        if not self._buffer:
+            raise StopIteration
+        batch, self._state = self._buffer.popleft()
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """Position after the last batch returned by ``next`` (a JSON-serialisable dict)."""
+        if self._state is None and not self._buffer:
+            self._state = copy.deepcopy(self.iterator.get_state())
+        return {"version": STATE_VERSION, "spec": self.spec.to_json(), "grain": copy.deepcopy(self._state)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores a position from :meth:`get_state`; the pipeline spec must match (clear error otherwise)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"iterator state version {state.get('version')!r} is not supported ({STATE_VERSION})")
+        saved, mine = state["spec"], self.spec.to_json()
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
+            raise ValueError(f"iterator state was saved by a different pipeline ({detail})")
+        self._buffer.clear()
+        self.iterator.set_state(copy.deepcopy(state["grain"]))
+        self._state = copy.deepcopy(state["grain"])
+
+    def close(self) -> None:
+        """Stops worker processes (if any)."""
+        self._buffer.clear()
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+    def __enter__(self) -> "InputPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_pipeline(
+    data_dir: str | os.PathLike,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    fields: Sequence[str] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    worker_buffer_size: int = 2,
+    read_threads: int = 4,
+    read_buffer_size: int = 4,
+    sharding: Any = "default",
+    device_prefetch: int = 2,
+) -> InputPipeline:
+    """Builds the training input pipeline over the complete shards of ``data_dir``.
+
+    Args:
+        data_dir: dataset folder written by :class:`~facecrafter_jax.data.records.RecordWriter`.
+        global_batch_size: batch size summed over processes; each process yields
+            ``global_batch_size // process_count`` records per batch (must divide evenly).
+        seed: shuffle seed, the same on every process (epoch ``e`` uses permutation seed ``seed + e``).
+        shuffle: ``False`` keeps storage order (evaluation).
+        num_epochs: passes over the data; ``None`` repeats forever. Epochs are concatenated before
+            batching, so a batch may straddle an epoch boundary; only the final partial batch is dropped.
+        fields: record fields to decode (default: all).
+        process_index, process_count: this process's slice; default ``jax.process_index()`` /
+            ``jax.process_count()`` (pass them explicitly to simulate several hosts).
+        worker_count: grain worker processes (``mp_prefetch``); 0 decodes in this process with threads.
+        worker_buffer_size: batches buffered per worker process.
+        read_threads, read_buffer_size: grain ``ReadOptions`` (threads and batches buffered per process).
+        sharding: ``jax.sharding.Sharding`` for the numeric fields of each global batch; ``"default"`` is
+            :func:`data_sharding` over all devices; ``None`` yields host numpy batches.
+        device_prefetch: batches placed on device ahead of the consumer.
+    """
+    data_dir = Path(data_dir)
+    info = R.read_dataset_info(data_dir)
+    counts = R.shard_record_counts(data_dir)
+    if not counts:
+        raise ValueError(f"{data_dir} has no complete shards")
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                         f"process_count {process_count}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if num_epochs is not None and num_epochs <= 0:
+        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    decode = DecodeRecord(info["resolution"], info["latent_dtype"], fields)
+    spec = PipelineSpec(
+        shards=tuple(sorted(counts.items())), resolution=info["resolution"], latent_dtype=info["latent_dtype"],
+        fields=decode.fields, seed=int(seed), shuffle=bool(shuffle), num_epochs=num_epochs,
+        global_batch_size=int(global_batch_size), process_index=int(process_index),
+        process_count=int(process_count), worker_count=int(worker_count))
+    local_batch = global_batch_size // process_count
+
+    # Shard files named with their record counts ("path[0:n]") so grain does not reopen each one to count.
+    source = grain.sources.ArrayRecordDataSource([f"{data_dir / name}[0:{n}]" for name, n in spec.shards])
+    ds = grain.MapDataset.source(source).seed(seed)
+    if shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(num_epochs)
+    ds = ds[process_index::process_count]
+    ds = ds.map(decode)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                               per_worker_buffer_size=worker_buffer_size))
+    if isinstance(sharding, str):
+        if sharding != "default":
+            raise ValueError(f"sharding must be a jax Sharding, None or 'default', got {sharding!r}")
+        sharding = data_sharding()
+    return InputPipeline(it_ds, spec, sharding=sharding, device_prefetch=device_prefetch)
+
+
+# ---------------------------------------------------------------------------- orbax integration
+def _state_filename(pipeline: InputPipeline) -> str:
+    return f"process_{pipeline.process_index}-of-{pipeline.process_count}.json"
+
+
+class PipelineCheckpointHandler(grain.checkpoint.CheckpointHandler):
+    """Orbax handler storing one JSON file per (simulated) process, named by the pipeline's own
+    ``process_index`` / ``process_count`` (grain's handler uses ``jax.process_index()``)."""
+
+    def save(self, directory, item=None, args=None):
+        pipeline = item if item is not None else args.item
+        (Path(directory) / _state_filename(pipeline)).write_text(json.dumps(pipeline.get_state(), indent=1))
+
+    def restore(self, directory, item=None, args=None):
+        pipeline = item if item is not None else args.item
+        path = Path(directory) / _state_filename(pipeline)
+        if not path.is_file():
+            have = sorted(p.name for p in Path(directory).iterdir())
+            raise FileNotFoundError(f"no iterator state {path.name} in {directory} (found {have})")
+        pipeline.set_state(json.loads(path.read_text()))
+        return pipeline
+
+
+def _register_args():
+    import orbax.checkpoint as ocp
+
+    @ocp.args.register_with_handler(PipelineCheckpointHandler, for_save=True)
+    @dataclasses.dataclass
+    class PipelineSave(ocp.args.CheckpointArgs):
+        item: Any
+
+    @ocp.args.register_with_handler(PipelineCheckpointHandler, for_restore=True)
+    @dataclasses.dataclass
+    class PipelineRestore(ocp.args.CheckpointArgs):
+        item: Any
+
+    return PipelineSave, PipelineRestore
+
+
+PipelineSave, PipelineRestore = _register_args()
+
+
+def iterator_save_args(pipeline: InputPipeline):
+    """Orbax args saving the pipeline position; put it into the train checkpoint's ``ocp.args.Composite``::
+
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data_iter=iterator_save_args(pipeline)))
+    """
+    return PipelineSave(pipeline)
+
+
+def iterator_restore_args(pipeline: InputPipeline):
+    """Orbax args restoring the pipeline position in place (counterpart of :func:`iterator_save_args`)."""
+    return PipelineRestore(pipeline)
+
+
+def save_iterator_state(manager, step: int, pipeline: InputPipeline, item_name: str = "data_iter",
+                        wait: bool = True) -> bool:
+    """Saves only the pipeline position as item ``item_name`` of step ``step`` of an orbax ``CheckpointManager``."""
+    import orbax.checkpoint as ocp
+
+    saved = manager.save(step, args=ocp.args.Composite(**{item_name: iterator_save_args(pipeline)}))
+    if wait:
+        manager.wait_until_finished()
+    return saved
+
+
+def restore_iterator_state(manager, step: int | None, pipeline: InputPipeline,
+                           item_name: str = "data_iter") -> InputPipeline:
+    """Restores the pipeline position saved at ``step`` (default: latest step) into ``pipeline``."""
+    import orbax.checkpoint as ocp
+
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    manager.restore(step, args=ocp.args.Composite(**{item_name: iterator_restore_args(pipeline)}))
+    return pipeline
