@@ -1,0 +1,265 @@
+"""Attention, feed-forward and the spatial transformer of the SD UNet (names mirror diffusers).
+
+The attention *implementation* is chosen in exactly one place, :func:`attend`:
+
+``"explicit"``
+    ``softmax(Q K^T / sqrt(d)) V`` written out with einsums; logits and softmax in float32 whatever the
+    compute dtype; can return the probabilities ``[B, heads, Lq, Lk]``. Used by the cross-attention
+    layers whose maps are needed (AD loss, visualisation).
+``"xla"`` / ``"cudnn"`` / ``"auto"``
+    :func:`jax.nn.dot_product_attention` (fused kernels where available; ``"auto"`` lets JAX pick).
+    Outputs only.
+
+Attention probabilities leave the model through Flax NNX intermediates: an :class:`Attention` whose
+implementation is ``"explicit"`` sows them as :class:`AttentionProbs` under the name ``"probs"`` when (and
+only when) it runs inside ``nnx.capture(..., AttentionProbs)``; outside a capture nothing is stored, so
+there is no cost when maps are not requested. This works inside ``nnx.jit`` / ``nnx.remat``.
+
+All tensors are ``[B, L, C]`` (tokens last-dim channels); heads are split once to ``[B, L, heads, d]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .resnet import conv2d, group_norm
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "AttentionProbs",
+    "attend",
+    "layer_norm",
+    "Attention",
+    "GEGLU",
+    "FeedForward",
+    "BasicTransformerBlock",
+    "Transformer2DModel",
+]
+
+ATTENTION_IMPLEMENTATIONS = ("explicit", "xla", "cudnn", "auto")
+
+
+class AttentionProbs(nnx.Intermediate):
+    """Variable type of sown attention probabilities (capture it with ``nnx.capture(fn, AttentionProbs)``)."""
+
+
+def _check_implementation(implementation: str) -> None:
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla", return_probs: bool = False,
+           scale: float | None = None):
+    """Scaled dot-product attention on head-split tensors.
+
+    Args:
+      q: ``[B, Lq, heads, d]``; k, v: ``[B, Lk, heads, d]`` (same dtype).
+      implementation: ``"explicit"`` (float32 logits/softmax, can return probabilities) or a fused
+        :func:`jax.nn.dot_product_attention` path: ``"xla"``, ``"cudnn"``, ``"auto"`` (JAX chooses).
+      return_probs: also return the probabilities ``[B, heads, Lq, Lk]`` (float32); explicit path only.
+      scale: logit scale, default ``d ** -0.5``.
+
+    Returns:
+      ``[B, Lq, heads, d]`` in ``v.dtype``, or ``(output, probs)`` with ``return_probs``.
+    """
+    _check_implementation(implementation)
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attend expects [B, L, heads, d] tensors, got q{q.shape} k{k.shape} v{v.shape}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if implementation == "explicit":
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        return (out, probs) if return_probs else out
+    if return_probs:
+        raise ValueError(f"attention probabilities need implementation='explicit', not {implementation!r}")
+    return jax.nn.dot_product_attention(q, k, v, scale=scale,
+                                        implementation=None if implementation == "auto" else implementation)
+
+
+def _capturing(module: nnx.Module) -> bool:
+    # nnx.capture installs `__captures__` on every submodule for the duration of the call; outside a
+    # capture, Module.sow would instead store the value as a new attribute (deprecated), which we avoid.
+    return hasattr(module, "__captures__")
+
+
+def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm with float32 parameters; statistics are computed in float32 by Flax for any ``dtype``."""
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def _linear(i: int, o: int, dtype, rngs: nnx.Rngs, *, bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head (self- or cross-) attention: ``to_q``, ``to_k``, ``to_v`` (no bias), ``to_out = [Linear, Dropout]``.
+
+    The forward pass is split into small steps so that extra key/value sets can reuse the query
+    (IP-Adapter-style decoupled cross-attention)::
+
+        q = attn.project_query(x)                          # [B, L, heads, d], computed once
+        out = attn.attend(q, *attn.project_key_value(ctx))  # main branch, sows "probs"
+        k_c, v_c = attn.project_key_value(tokens, attn.to_k_c, attn.to_v_c)
+        out = out + lam * attn.attend(q, k_c, v_c, probs_name="probs_c")
+        y = attn.project_out(out)
+
+    Attributes set by the UNet: ``layer_index`` (0..N-1 for cross-attention layers in down -> mid -> up
+    order, ``None`` otherwise), ``layer_name`` (the dotted module path) and ``implementation``.
+    """
+
+    def __init__(self, query_dim: int, cross_attention_dim: int | None = None, *, heads: int, dim_head: int,
+                 dropout: float = 0.0, bias: bool = False, out_bias: bool = True, implementation: str = "xla",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        _check_implementation(implementation)
+        inner = heads * dim_head
+        kv_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.heads, self.dim_head = heads, dim_head
+        self.scale = dim_head ** -0.5
+        self.is_cross_attention = cross_attention_dim is not None
+        self.implementation = implementation
+        self.layer_index: int | None = None
+        self.layer_name: str | None = None
+        self.dtype = dtype
+        self.to_q = _linear(query_dim, inner, dtype, rngs, bias=bias)
+        self.to_k = _linear(kv_dim, inner, dtype, rngs, bias=bias)
+        self.to_v = _linear(kv_dim, inner, dtype, rngs, bias=bias)
+        self.to_out = nnx.List([
+            _linear(inner, query_dim, dtype, rngs, bias=out_bias),
+            nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None),
+        ])
+
+    # -- the steps -------------------------------------------------------------------------------
+    def split_heads(self, x: jax.Array) -> jax.Array:
+        """``[B, L, heads * d] -> [B, L, heads, d]`` (diffusers' head order)."""
+        return x.reshape(x.shape[0], x.shape[1], self.heads, self.dim_head)
+
+    def project_query(self, hidden_states: jax.Array) -> jax.Array:
+        return self.split_heads(self.to_q(hidden_states))
+
+    def project_key_value(self, context: jax.Array, to_k: Callable | None = None,
+                          to_v: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of ``context`` (``[B, S, D]``) with this layer's or the given projections."""
+        to_k = self.to_k if to_k is None else to_k
+        to_v = self.to_v if to_v is None else to_v
+        return self.split_heads(to_k(context)), self.split_heads(to_v(context))
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, probs_name: str = "probs") -> jax.Array:
+        """Attend ``q`` to one ``(k, v)`` set with this layer's implementation -> ``[B, L, heads, d]``.
+
+        On the explicit path, the probabilities ``[B, heads, Lq, Lk]`` (float32) are sown as
+        :class:`AttentionProbs` under ``probs_name`` when running inside ``nnx.capture``.
+        """
+        if self.implementation == "explicit":
+            out, probs = attend(q, k, v, implementation="explicit", return_probs=True, scale=self.scale)
+            if _capturing(self):
+                self.sow(AttentionProbs, probs_name, probs)
+            return out
+        return attend(q, k, v, implementation=self.implementation, scale=self.scale)
+
+    def project_out(self, out: jax.Array) -> jax.Array:
+        """``[B, L, heads, d] -> [B, L, query_dim]`` through ``to_out``."""
+        out = out.reshape(out.shape[0], out.shape[1], self.heads * self.dim_head)
+        return self.to_out[1](self.to_out[0](out))
+
+    def __call__(self, hidden_states: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """Self-attention when ``context`` is None, cross-attention to ``context`` otherwise."""
+        q = self.project_query(hidden_states)
+        k, v = self.project_key_value(hidden_states if context is None else context)
+        return self.project_out(self.attend(q, k, v))
+
+
+class GEGLU(nnx.Module):
+    """``proj`` to ``2 * dim_out``, split into (hidden, gate), output ``hidden * gelu(gate)`` (exact erf GELU)."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.proj = _linear(dim_in, dim_out * 2, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    """``net = [GEGLU(dim, mult * dim), Dropout, Linear(mult * dim, dim)]``."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dropout: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = dim * mult
+        self.net = nnx.List([
+            GEGLU(dim, inner, dtype=dtype, rngs=rngs),
+            nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None),
+            _linear(inner, dim, dtype, rngs),
+        ])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nnx.Module):
+    """Pre-LayerNorm block: ``x += attn1(norm1 x)``; ``x += attn2(norm2 x, context)``; ``x += ff(norm3 x)``."""
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, *, cross_attention_dim: int,
+                 dropout: float = 0.0, norm_eps: float = 1e-5, attention_implementation: str = "xla",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.norm1 = layer_norm(dim, norm_eps, dtype, rngs)
+        self.attn1 = Attention(dim, None, heads=num_attention_heads, dim_head=attention_head_dim, dropout=dropout,
+                               implementation=attention_implementation, dtype=dtype, rngs=rngs)
+        self.norm2 = layer_norm(dim, norm_eps, dtype, rngs)
+        self.attn2 = Attention(dim, cross_attention_dim, heads=num_attention_heads, dim_head=attention_head_dim,
+                               dropout=dropout, implementation=attention_implementation, dtype=dtype, rngs=rngs)
+        self.norm3 = layer_norm(dim, norm_eps, dtype, rngs)
+        self.ff = FeedForward(dim, dropout=dropout, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nnx.Module):
+    """Spatial transformer on NHWC maps: GroupNorm(eps 1e-6) -> proj_in -> blocks -> proj_out, plus residual.
+
+    ``proj_in`` / ``proj_out`` are 1x1 convs, or Linears with ``use_linear_projection`` (as in the reference).
+    """
+
+    def __init__(self, num_attention_heads: int, attention_head_dim: int, in_channels: int, *, num_layers: int = 1,
+                 cross_attention_dim: int, norm_num_groups: int = 32, use_linear_projection: bool = False,
+                 dropout: float = 0.0, attention_implementation: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = num_attention_heads * attention_head_dim
+        self.use_linear_projection = use_linear_projection
+        self.inner_dim = inner
+        self.norm = group_norm(in_channels, norm_num_groups, 1e-6, dtype, rngs)
+        if use_linear_projection:
+            self.proj_in = _linear(in_channels, inner, dtype, rngs)
+            self.proj_out = _linear(inner, in_channels, dtype, rngs)
+        else:
+            self.proj_in = conv2d(in_channels, inner, 1, dtype, rngs)
+            self.proj_out = conv2d(inner, in_channels, 1, dtype, rngs)
+        self.transformer_blocks = nnx.List([
+            BasicTransformerBlock(inner, num_attention_heads, attention_head_dim, cross_attention_dim=cross_attention_dim,
+                                  dropout=dropout, attention_implementation=attention_implementation, dtype=dtype, rngs=rngs)
+            for _ in range(num_layers)
+        ])
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, _ = x.shape
+        residual = x
+        x = self.norm(x)
+        if self.use_linear_projection:
+            x = self.proj_in(x.reshape(b, h * w, -1))
+        else:
+            x = self.proj_in(x).reshape(b, h * w, self.inner_dim)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear_projection:
+            x = self.proj_out(x).reshape(b, h, w, -1)
+        else:
+            x = self.proj_out(x.reshape(b, h, w, self.inner_dim))
+        return x + residual
