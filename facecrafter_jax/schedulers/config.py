@@ -224,7 +224,7 @@ def resolve_config(config: Mapping[str, Any] | str | os.PathLike, class_name: st
             raise ValueError(f"unknown scheduler config key {key!r}")
         if key not in out:
             continue  # belongs to another scheduler class: diffusers' from_config drops it too
-        if value is None and defaults[key] is not None:
+        if value is None and defaults[key] is not None and None not in _SUPPORTED_VALUES.get(key, ()):
             raise ValueError(f"scheduler config key {key!r} must not be null")
         if value is not None:
             _check_type(key, value)
