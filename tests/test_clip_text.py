@@ -1,11 +1,5 @@
 """CLIP text encoder + Arc2Face identity path against transformers' CLIPTextModel (tiny random models, fp32)."""
 
-import sys
-
-# The venv's torchvision wheel is a CUDA build that does not match the CPU torch and fails to import;
-# transformers only needs it for image utilities. Hide it so transformers treats it as absent.
-sys.modules.setdefault("torchvision", None)
-
 import json
 
 import jax.numpy as jnp
