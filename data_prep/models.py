@@ -1,0 +1,83 @@
+"""Batched JAX stage of data preparation: EmoNet emotions and VAE latent moments.
+
+Batches are padded to a fixed ``batch_size`` so that each model is compiled once per run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["EmotionModel", "LatentModel"]
+
+
+_JITTED: dict = {}
+
+
+def _jitted(name: str):
+    """Module-level jitted functions: one compilation per process and shape, shared by successive runs."""
+    if name not in _JITTED:
+        from flax import nnx
+
+        if name == "emotion":
+            from facecrafter_jax.models.emonet import predict_emotion
+
+            _JITTED[name] = nnx.jit(predict_emotion)
+        elif name == "moments":
+            _JITTED[name] = nnx.jit(lambda m, x: m.encode_moments(x))
+    return _JITTED[name]
+
+
+def _pad(x: np.ndarray, n: int) -> np.ndarray:
+    if len(x) == n:
+        return x
+    pad = np.zeros((n - len(x),) + x.shape[1:], x.dtype)
+    return np.concatenate([x, pad])
+
+
+class EmotionModel:
+    """EmoNet from an official checkpoint; ``__call__`` maps uint8 RGB crops [N, 256, 256, 3] to the
+    record's ``emotion`` [N, 10] (softmax over the 8 classes, valence, arousal clipped to [-1, 1])."""
+
+    def __init__(self, checkpoint: str, batch_size: int):
+        from facecrafter_jax.convert.emonet import load_emonet
+
+        self.model = load_emonet(checkpoint)
+        if self.model.n_expression != 8:
+            raise ValueError(f"{checkpoint}: EmoNet has {self.model.n_expression} classes; the records need the "
+                             "8-class model (emonet_8.pth)")
+        self.batch_size = batch_size
+        self._fn = _jitted("emotion")
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        n = len(crops)
+        x = _pad(np.asarray(crops, np.float32) / 255.0, max(self.batch_size, n))
+        return np.asarray(self._fn(self.model, x))[:n]
+
+
+class LatentModel:
+    """Our Flax ``AutoencoderKL`` from a diffusers folder; ``__call__`` maps uint8 RGB images [N, R, R, 3]
+    to posterior moments [N, R/8, R/8, 8] (pixels mapped to [-1, 1] as ``x / 127.5 - 1``)."""
+
+    def __init__(self, folder: str, resolution: int, batch_size: int):
+        from facecrafter_jax.convert.vae import load_vae
+
+        self.model = load_vae(folder)
+        cfg = self.model.config
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        if factor != 8:
+            raise ValueError(f"{folder}: the VAE downsamples by {factor} (block_out_channels={list(cfg.block_out_channels)}); "
+                             "the records need a factor of 8")
+        if 2 * cfg.latent_channels != 8:
+            raise ValueError(f"{folder}: the VAE has latent_channels={cfg.latent_channels}; the records need 4")
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self._fn = _jitted("moments")
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        x = _pad(np.asarray(images, np.float32) / 127.5 - 1.0, max(self.batch_size, n))
+        out = np.asarray(self._fn(self.model, x))[:n]
+        side = self.resolution // 8
+        if out.shape[1:] != (side, side, 8):
+            raise ValueError(f"VAE moments have shape {out.shape[1:]}, expected {(side, side, 8)}")
+        return out
