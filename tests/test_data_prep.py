@@ -389,3 +389,34 @@ def test_umeyama_and_head_pose_closed_form():
         np.testing.assert_allclose(head_pose_from_matrix(f @ r @ f), [-yaw, pitch, -roll], atol=1e-4)
     # yaw > 0 turns the face normal (+z) towards +x (image right)
     assert rotation_from_head_pose(30, 0, 0)[0, 2] > 0
+
+
+def test_clear_errors_for_bad_models_and_paths(tmp_path, shared_models):
+    from diffusers import AutoencoderKL
+
+    from data_prep.__main__ import main
+    from data_prep.arcface import ArcFaceONNX
+    from data_prep.models import LatentModel
+
+    (tmp_path / "imgs").mkdir()
+    args = ["run", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"),
+            "--landmarker", str(shared_models / "face_landmarker.task"), "--arcface", str(tmp_path / "missing.onnx"),
+            "--emonet", str(tmp_path / "e.pth"), "--vae", str(tmp_path / "vae")]
+    with pytest.raises(FileNotFoundError, match="--arcface"):
+        main(args)
+    with pytest.raises(SystemExit):
+        main(args + ["--batch-size", "0"])
+
+    class Wrong(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3)).repeat(1, 171)[:, :512]
+
+    torch.onnx.export(Wrong(), (torch.zeros(1, 3, 64, 64),), str(tmp_path / "wrong.onnx"), input_names=["x"])
+    with pytest.raises(ValueError, match=r"expected \[N, 3, 112, 112\]"):
+        ArcFaceONNX(tmp_path / "wrong.onnx")
+
+    torch.manual_seed(0)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  block_out_channels=(32, 32, 32), layers_per_block=1, norm_num_groups=32).save_pretrained(tmp_path / "vae4")
+    with pytest.raises(ValueError, match="downsamples by 4"):
+        LatentModel(str(tmp_path / "vae4"), 64, 2)
