@@ -125,7 +125,7 @@ class FaceExtractor:
             "face_selection": "largest",
             "face_box": [round(v, 2) for v in face.box(w, h)],
             "kps5": np.round(kps, 3).tolist(),
-            "crop_matrix": np.round(m_ffhq[:2], 6).tolist(),
+            "crop_matrix": m_ffhq[:2].tolist(),  # full precision: crops can be reproduced exactly
             "head_pose": [round(float(v), 3) for v in pose],
         }
         return {"image_id": image_id, "status": "ok", "image": image, "arcface_crop": arc_crop,

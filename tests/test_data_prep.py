@@ -274,7 +274,7 @@ def test_emotion_and_latents_match_references(prepared):
                            np.clip([out["valence"].item(), out["arousal"].item()], -1, 1)])
     got = recs[image_id]["emotion"]
     print(f"emotion max abs err {np.abs(got - want).max():.2e}")
-    assert np.abs(got - want).max() < 2e-3, (got, want)
+    assert np.abs(got - want).max() < 2e-4, (got, want)
 
     crop = warp_affine(img, np.array(man[image_id]["crop_matrix"]), RES)
     with torch.no_grad():
@@ -282,7 +282,7 @@ def test_emotion_and_latents_match_references(prepared):
     want = torch.cat([dist.mean, dist.logvar], 1)[0].permute(1, 2, 0).numpy()
     got = recs[image_id]["latent_moments"].astype(np.float32)
     print(f"latent moments max abs err {np.abs(got - want).max():.2e} (scale {np.abs(want).max():.2f})")
-    assert np.abs(got - want).max() < 2e-3 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+    assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max()), np.abs(got - want).max()  # fp16 storage
 
 
 def test_inspect_cli(prepared):
