@@ -9,10 +9,6 @@ pixels: their job is to catch frame, flip and scale bugs.
 
 import sys
 
-# The venv's torchvision wheel is a CUDA build that does not load with the CPU torch; diffusers -> transformers
-# would try to import it. Hide it so they treat it as absent (as tests/test_clip_text.py does).
-sys.modules.setdefault("torchvision", None)
-
 import json
 import os
 import subprocess

@@ -16,6 +16,7 @@ _LAZY = {
     "load_unet": "facecrafter_jax.convert.unet",
     "load_text_encoder": "facecrafter_jax.convert.clip",
     "load_vae": "facecrafter_jax.convert.vae",
+    "load_emonet": "facecrafter_jax.convert.emonet",
 }
 
 __all__ = list(_LAZY)
