@@ -53,13 +53,10 @@ def load_unet(folder: str, dtype=jnp.float32, **model_options) -> UNet2DConditio
 
 
 def _build(config: UNet2DConditionConfig, dtype, model_options: dict) -> UNet2DConditionModel:
-    def make():
-        return UNet2DConditionModel(config, dtype=dtype, rngs=nnx.Rngs(0), **model_options)
-
     if config.dropout > 0:  # dropout layers hold RNG state that must be real
-        return make()
+        return UNet2DConditionModel(config, dtype=dtype, rngs=nnx.Rngs(0), **model_options)
     # Every variable is a Param that the checkpoint overwrites: skip the random initialisation.
-    return nnx.eval_shape(make)
+    return UNet2DConditionModel.create_abstract(config, dtype=dtype, **model_options)
 
 
 def export_unet_state(model: UNet2DConditionModel) -> dict[str, np.ndarray]:

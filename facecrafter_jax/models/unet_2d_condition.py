@@ -248,6 +248,14 @@ class UNet2DConditionConfig:
 # --------------------------------------------------------------------------------------------
 
 
+class _AbstractKeys:
+    """Stands in for ``nnx.Rngs`` under ``nnx.eval_shape``: the same key for every initialiser and no
+    counter to update (updating traced RNG counters makes abstract construction of a large model slow)."""
+
+    def params(self):
+        return jax.random.key(0)
+
+
 class UNet2DConditionModel(nnx.Module):
     """SD1.x UNet: ``unet(latents [B, H, W, C], timesteps [B] or scalar, context [B, S, D]) -> [B, H, W, C]``.
 
@@ -325,6 +333,18 @@ class UNet2DConditionModel(nnx.Module):
         self.configure_attention(implementation=attention_implementation, explicit_cross_attention=explicit_cross_attention)
         self.set_remat(remat)
 
+    @classmethod
+    def create_abstract(cls, config: UNet2DConditionConfig, **options) -> "UNet2DConditionModel":
+        """The model with abstract (shape-only) parameters, to be filled by a weight loader.
+
+        Much faster than a random initialisation (seconds for SD1.5): no parameter is materialised and
+        no RNG state is threaded. Every variable must then be set (``load_torch_state`` /
+        ``load_flax_params`` do). Not for ``config.dropout > 0`` (dropout RNG state must be real).
+        """
+        if config.dropout > 0:
+            raise ValueError("create_abstract: config.dropout > 0 needs real dropout RNG state; build with nnx.Rngs")
+        return nnx.eval_shape(lambda: cls(config, rngs=_AbstractKeys(), **options))
+
     # -- attention / remat selection ------------------------------------------------------------------
     def _block_names(self) -> list[str]:
         names = [f"down_blocks.{i}" for i in range(len(self.down_blocks))]
@@ -378,9 +398,9 @@ class UNet2DConditionModel(nnx.Module):
                 explicit.add(i)
         self.attention_implementation = impl
         self.explicit_cross_attention = tuple(sorted(explicit))
-        for module in self.iter_modules():
-            if isinstance(module[1], Attention):
-                module[1].implementation = impl
+        for _, module in nnx.iter_modules(self):
+            if isinstance(module, Attention):
+                module.implementation = impl
         for i in explicit:
             layers[i].implementation = "explicit"
 
@@ -402,7 +422,8 @@ class UNet2DConditionModel(nnx.Module):
 
     def _run(self, name: str, block, *args):
         if name in self.remat_blocks:
-            return nnx.remat(lambda blk, *a: blk(*a))(block, *args)
+            # Tree mode: graph mode cannot flatten the containers while nnx.capture is active (flax 0.12.8).
+            return nnx.remat(lambda blk, *a: blk(*a), graph=False)(block, *args)
         return block(*args)
 
     # -- forward -----------------------------------------------------------------------------------
