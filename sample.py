@@ -1,0 +1,462 @@
+#!/usr/bin/env python
+"""Sample face images from a converted Arc2Face / FaceCrafter checkpoint.
+
+Identity from a photo (detect + align + ArcFace, as in data_prep) or from a saved 512-d ArcFace embedding;
+writes one PNG per image, a contact-sheet grid.png and samples.json (every input and setting, versions).
+
+Examples:
+  python sample.py --checkpoint ckpt/arc2face --id-embedding me.npy --num-images 4 --out out/me
+  python sample.py --checkpoint ckpt/arc2face --id-image me.jpg --arcface arcface.onnx \\
+      --landmarker face_landmarker.task --scheduler ddim --steps 50 --seed 3 --out out/me
+
+Every bad input (missing checkpoint or file, unreadable or face-less --id-image, wrong embedding shape,
+unknown emotion, valence / arousal outside [-1, 1], ...) is reported as one line `error: ...` on stderr
+with exit status 2, before any diffusion-model work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+ID_DIM = 512  # ArcFace embedding size
+NUM_LANDMARKS = 478  # MediaPipe face mesh with irises
+SCHEDULER_NAMES = ("dpm++2m", "ddim", "euler")  # == facecrafter_jax.sampling.SCHEDULERS (checked in tests)
+
+# -------------------------------------------------------------------------------------------------------
+# Control extension point (FaceCrafter). Which checkpoint component provides which control. The flags
+# below are parsed and validated now; a checkpoint whose facecrafter.json lists none of these components
+# is refused with a one-line error when a control flag is given. The engineer wiring the control modules
+# replaces `run_controlled` (below) and, if the checkpoint layout differs, `available_controls`.
+# -------------------------------------------------------------------------------------------------------
+CONTROL_COMPONENTS = {"landmark": "landmark", "emotion": "emotion"}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line `error: <message>`, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, our format, instead of usage + message
+        raise CLIError(message)
+
+
+def _emotions() -> tuple[str, ...]:
+    from facecrafter_jax.data.records import EMOTION_CLASSES  # light import (no JAX)
+
+    return tuple(EMOTION_CLASSES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="converted checkpoint folder (facecrafter-convert from-diffusers ... --out DIR) with unet, "
+                        "text_encoder and vae")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created): NNNN.png, grid.png, "
+                   "samples.json, identity.npy")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a folder that already holds samples.json")
+
+    ident = p.add_argument_group("identity (exactly one of --id-image / --id-embedding)")
+    src = ident.add_mutually_exclusive_group(required=True)
+    src.add_argument("--id-image", metavar="IMG", help="photo of the person: the largest face is detected (MediaPipe), "
+                     "aligned to 112x112 and embedded with ArcFace; needs --arcface and --landmarker")
+    src.add_argument("--id-embedding", metavar="NPY", help=f".npy with a {ID_DIM}-d ArcFace embedding (shape "
+                     f"[{ID_DIM}] or [1, {ID_DIM}]); it is L2-normalised")
+    ident.add_argument("--arcface", metavar="ONNX", help="ArcFace ONNX model (Arc2Face's arcface.onnx), for --id-image")
+    ident.add_argument("--landmarker", metavar="TASK", help="MediaPipe face_landmarker.task bundle, for --id-image "
+                       "(and --landmarks-from once controls are wired)")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--num-images", type=int, default=4, metavar="N", help="images to generate (default 4)")
+    s.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="images per model call (default min(N, 4)); results do not depend on it")
+    s.add_argument("--steps", type=int, default=25, help="sampler steps (default 25, Arc2Face's)")
+    s.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="dpm++2m",
+                   help="sampler: DPM-Solver++ 2M (default, Arc2Face's), DDIM (eta 0) or Euler")
+    s.add_argument("--scheduler-config", metavar="JSON", help="diffusers scheduler_config.json (default: SD1.5's)")
+    s.add_argument("--guidance-id", type=float, default=3.0, metavar="G",
+                   help="classifier-free guidance scale of the identity against the empty prompt (default 3.0; "
+                        "1.0 disables guidance)")
+    s.add_argument("--seed", type=int, default=0, help="image i starts from noise fold_in(key(seed), i) (default 0)")
+    s.add_argument("--height", type=int, help="image height in pixels (default: UNet sample_size x VAE factor, 512 for SD1.5)")
+    s.add_argument("--width", type=int, help="image width in pixels (default as --height)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (parameters stay float32; bfloat16 for accelerators)")
+
+    c = p.add_argument_group("controls (FaceCrafter checkpoints with landmark / emotion modules only)")
+    lm = c.add_mutually_exclusive_group()
+    lm.add_argument("--landmarks-from", metavar="IMG", help="take pose / expression landmarks from this photo")
+    lm.add_argument("--landmarks", metavar="NPY", help=f".npy of MediaPipe landmarks [{NUM_LANDMARKS}, 3] "
+                    "(x, y in [0, 1] of the aligned crop, z relative depth), as data_prep stores them")
+    c.add_argument("--emotion", metavar="NAME", help="target emotion class: neutral, happy, sad, surprise, fear, "
+                   "disgust, anger, contempt")
+    c.add_argument("--valence", type=float, metavar="V", help="target valence in [-1, 1] (with --arousal)")
+    c.add_argument("--arousal", type=float, metavar="A", help="target arousal in [-1, 1] (with --valence)")
+    c.add_argument("--guidance-control", type=float, metavar="G",
+                   help="guidance scale of the controls on top of the identity (eps = e0 + g_id (e_id - e0) + "
+                        "g_ctl (e_id+ctl - e_id)); needs a control flag")
+    return p
+
+
+# -------------------------------------------------------------------------------------------------------
+# Validation (no model work)
+# -------------------------------------------------------------------------------------------------------
+def _need_file(path: str | None, flag: str) -> str:
+    if path is None:
+        raise CLIError(f"{flag} is required")
+    if not os.path.isfile(path):
+        raise CLIError(f"{flag} {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise CLIError(f"{flag} {path}: not readable")
+    return os.path.abspath(path)
+
+
+def _load_npy(path: str, flag: str) -> np.ndarray:
+    _need_file(path, flag)
+    try:
+        a = np.load(path, allow_pickle=False)
+    except Exception as e:  # ValueError (pickled object arrays), OSError, format errors
+        raise CLIError(f"{flag} {path}: cannot read as .npy ({type(e).__name__}: {e})") from None
+    if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, np.number):
+        raise CLIError(f"{flag} {path}: expected a numeric array, got {getattr(a, 'dtype', type(a))}")
+    return a
+
+
+def load_id_embedding(path: str) -> np.ndarray:
+    """A 512-d ArcFace embedding from .npy ([512] or [1, 512]) -> L2-normalised float32 [512]."""
+    a = _load_npy(path, "--id-embedding")
+    if a.shape not in ((ID_DIM,), (1, ID_DIM)):
+        raise CLIError(f"--id-embedding {path}: shape {list(a.shape)}, expected [{ID_DIM}] or [1, {ID_DIM}]")
+    a = a.reshape(ID_DIM).astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise CLIError(f"--id-embedding {path}: contains NaN or Inf")
+    n = float(np.linalg.norm(a))
+    if n < 1e-6:
+        raise CLIError(f"--id-embedding {path}: zero vector")
+    return a / n
+
+
+def _check_image(path: str, flag: str) -> np.ndarray:
+    from data_prep.images import SkipImage, load_image
+
+    _need_file(path, flag)
+    try:
+        return load_image(path)
+    except SkipImage as s:
+        raise CLIError(f"{flag} {path}: {s.reason.replace('_', ' ')}" + (f" ({s.detail})" if s.detail else "")) from None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CLIError(f"{path}: {e}") from None
+
+
+def read_checkpoint(directory: str) -> dict:
+    """Manifest and component configs of a converted checkpoint (JSON only, no weights)."""
+    if not os.path.isdir(directory):
+        raise CLIError(f"--checkpoint {directory}: no such directory")
+    from facecrafter_jax.pretrained import read_manifest
+
+    try:
+        manifest = read_manifest(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    missing = [c for c in ("unet", "text_encoder", "vae") if c not in manifest["components"]]
+    if missing:
+        raise CLIError(f"checkpoint {directory} lacks component(s) {missing} (it has {manifest['components']})")
+    configs = {c: _read_json(os.path.join(directory, c, "config.json")) for c in ("unet", "text_encoder", "vae")}
+    return {"manifest": manifest, "configs": configs, "components": list(manifest["components"])}
+
+
+def available_controls(ckpt: dict) -> set[str]:
+    """Controls the checkpoint can apply (see CONTROL_COMPONENTS). Extension point for FaceCrafter."""
+    return {name for name, comp in CONTROL_COMPONENTS.items() if comp in ckpt["components"]}
+
+
+def image_size(ckpt: dict, height: int | None, width: int | None) -> tuple[int, int]:
+    """Default / validated (height, width) from the UNet and VAE configs."""
+    u, v = ckpt["configs"]["unet"], ckpt["configs"]["vae"]
+    f = 2 ** (len(v.get("block_out_channels", (64,))) - 1)
+    m = f * 2 ** (len(u.get("block_out_channels", (320, 640, 1280, 1280))) - 1)
+    s = u.get("sample_size")
+    if (height is None or width is None) and s is None:
+        raise CLIError("the UNet config has no sample_size: pass --height and --width")
+    sh, sw = (s, s) if isinstance(s, int) else tuple(s or (0, 0))
+    height = sh * f if height is None else height
+    width = sw * f if width is None else width
+    for name, val in (("--height", height), ("--width", width)):
+        if val <= 0 or val % m:
+            raise CLIError(f"{name} {val}: must be a positive multiple of {m} for this checkpoint")
+    return height, width
+
+
+def parse_controls(args) -> dict:
+    """Validate the control flags; returns the parsed control inputs (empty dict when none given)."""
+    controls: dict = {}
+    if args.landmarks is not None:
+        a = _load_npy(args.landmarks, "--landmarks")
+        if a.shape != (NUM_LANDMARKS, 3):
+            raise CLIError(f"--landmarks {args.landmarks}: shape {list(a.shape)}, expected [{NUM_LANDMARKS}, 3]")
+        if not np.all(np.isfinite(a)):
+            raise CLIError(f"--landmarks {args.landmarks}: contains NaN or Inf")
+        controls["landmarks"] = {"source": "npy", "path": os.path.abspath(args.landmarks), "array": a.astype(np.float32)}
+    if args.landmarks_from is not None:
+        _check_image(args.landmarks_from, "--landmarks-from")
+        if args.landmarker is None:
+            raise CLIError("--landmarks-from needs --landmarker")
+        _need_file(args.landmarker, "--landmarker")
+        controls["landmarks"] = {"source": "image", "path": os.path.abspath(args.landmarks_from)}
+    if args.emotion is not None:
+        names = _emotions()
+        if args.emotion.lower() not in names:
+            raise CLIError(f"--emotion {args.emotion!r}: unknown; choose one of {', '.join(names)}")
+        controls["emotion"] = {"name": args.emotion.lower(), "index": names.index(args.emotion.lower())}
+    if (args.valence is None) != (args.arousal is None):
+        raise CLIError("--valence and --arousal go together: give both")
+    if args.valence is not None:
+        for flag, v in (("--valence", args.valence), ("--arousal", args.arousal)):
+            if not math.isfinite(v) or not -1.0 <= v <= 1.0:
+                raise CLIError(f"{flag} {v}: must be in [-1, 1]")
+        controls.setdefault("emotion", {}).update(valence=args.valence, arousal=args.arousal)
+    if args.guidance_control is not None:
+        if not controls:
+            raise CLIError("--guidance-control needs a control (--landmarks, --landmarks-from, --emotion or "
+                           "--valence/--arousal)")
+        if not math.isfinite(args.guidance_control):
+            raise CLIError(f"--guidance-control {args.guidance_control}: must be a finite number")
+    return controls
+
+
+def validate(args) -> dict:
+    """Check every input before any model work. Returns what the run needs (raises CLIError)."""
+    if args.num_images < 1:
+        raise CLIError(f"--num-images {args.num_images}: must be >= 1")
+    batch = min(args.num_images, 4) if args.batch_size is None else args.batch_size
+    if batch < 1:
+        raise CLIError(f"--batch-size {args.batch_size}: must be >= 1")
+    if not 1 <= args.steps <= 1000:
+        raise CLIError(f"--steps {args.steps}: must be in [1, 1000]")
+    if not math.isfinite(args.guidance_id):
+        raise CLIError(f"--guidance-id {args.guidance_id}: must be a finite number")
+    if not 0 <= args.seed < 2**32:
+        raise CLIError(f"--seed {args.seed}: must be in [0, 2^32)")
+    ckpt = read_checkpoint(args.checkpoint)
+    hidden = ckpt["configs"]["text_encoder"].get("hidden_size", 0)
+    if hidden < ID_DIM:
+        raise CLIError(f"checkpoint text encoder width {hidden} < {ID_DIM}: cannot take an ArcFace embedding")
+    height, width = image_size(ckpt, args.height, args.width)
+    scheduler_config = None
+    if args.scheduler_config is not None:
+        _need_file(args.scheduler_config, "--scheduler-config")
+        from facecrafter_jax.schedulers import read_config_file
+
+        try:
+            scheduler_config = read_config_file(args.scheduler_config)
+        except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+            raise CLIError(f"--scheduler-config {args.scheduler_config}: {e}") from None
+    from facecrafter_jax.sampling import SCHEDULERS
+    from facecrafter_jax.schedulers import SD15_SCHEDULER_CONFIG
+
+    try:
+        plan = SCHEDULERS[args.scheduler].from_config(scheduler_config or SD15_SCHEDULER_CONFIG).set_timesteps(args.steps)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"scheduler {args.scheduler}: {e}") from None
+    if plan.stochastic:
+        raise CLIError(f"scheduler {args.scheduler}: stochastic sampler configurations are not supported")
+
+    identity: dict = {}
+    if args.id_embedding is not None:
+        if args.arcface is not None:
+            raise CLIError("--arcface is only used with --id-image")
+        identity = {"source": "embedding", "path": os.path.abspath(args.id_embedding),
+                    "embedding": load_id_embedding(args.id_embedding)}
+    else:
+        arcface = _need_file(args.arcface, "--arcface (needed by --id-image)")
+        landmarker = _need_file(args.landmarker, "--landmarker (needed by --id-image)")
+        _check_image(args.id_image, "--id-image")
+        identity = {"source": "image", "path": os.path.abspath(args.id_image), "arcface": arcface,
+                    "landmarker": landmarker}
+
+    controls = parse_controls(args)
+    if controls:
+        have = available_controls(ckpt)
+        for name in ("landmarks", "emotion"):
+            module = "landmark" if name == "landmarks" else "emotion"
+            if name in controls and module not in have:
+                raise CLIError(f"checkpoint {args.checkpoint} has no {module} module: "
+                               f"--{'landmarks' if name == 'landmarks' else 'emotion/--valence/--arousal'} cannot be used")
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {args.out}: exists and is not a directory")
+    if os.path.isfile(os.path.join(out, "samples.json")) and not args.overwrite:
+        raise CLIError(f"--out {args.out} already holds samples.json (pass --overwrite to replace)")
+    return {"ckpt": ckpt, "batch": batch, "height": height, "width": width, "identity": identity,
+            "controls": controls, "scheduler_config": scheduler_config, "out": out}
+
+
+# -------------------------------------------------------------------------------------------------------
+# Identity from a photo (data_prep's detection and alignment)
+# -------------------------------------------------------------------------------------------------------
+def embed_id_image(image_path: str, landmarker_path: str, arcface_path: str) -> tuple[np.ndarray, dict]:
+    """Largest face of a photo -> (L2-normalised ArcFace embedding [512], face info). Raises CLIError."""
+    from data_prep.align import arcface_template, umeyama, warp_affine
+    from data_prep.arcface import ArcFaceONNX
+    from data_prep.landmarks import FaceLandmarker, five_points, select_largest_face
+
+    rgb = _check_image(image_path, "--id-image")
+    try:
+        model = ArcFaceONNX(arcface_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(f"--arcface: {e}") from None
+    h, w = rgb.shape[:2]
+    with FaceLandmarker(landmarker_path) as lm:
+        faces = lm.detect(rgb)
+    if not faces:
+        raise CLIError(f"--id-image {image_path}: no face found")
+    idx = select_largest_face(faces, w, h)
+    kps = five_points(faces[idx].pixel_xy(w, h))
+    crop = warp_affine(rgb, umeyama(kps, arcface_template()), 112, antialias=False)  # as data_prep does
+    emb = model(crop[None])[0]
+    info = {"num_faces": len(faces), "face_index": idx, "face_box": [round(v, 2) for v in faces[idx].box(w, h)],
+            "kps5": np.round(kps, 3).tolist(), "image_size": [w, h]}
+    return emb.astype(np.float32), info
+
+
+# -------------------------------------------------------------------------------------------------------
+# Outputs
+# -------------------------------------------------------------------------------------------------------
+def contact_sheet(images: np.ndarray, cols: int | None = None, pad: int = 4, fill: int = 255) -> np.ndarray:
+    """[N, H, W, 3] uint8 -> one grid image (row-major, ``cols`` default ceil(sqrt(N)), ``pad`` px gaps)."""
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    sheet = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, c), fill, np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        sheet[y:y + h, x:x + w] = im
+    return sheet
+
+
+def versions() -> dict:
+    import flax
+    import jax
+    import jaxlib
+
+    import facecrafter_jax
+
+    return {"facecrafter_jax": facecrafter_jax.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "devices": [str(d) for d in jax.devices()]}
+
+
+def run_controlled(models, plan_args: dict, controls: dict):  # pragma: no cover - extension point
+    """FaceCrafter extension point: sample with identity + controls (guidance chain c0, c1=id, c2=id+controls,
+    see facecrafter_jax.sampling.guided_denoiser). Unreachable until a checkpoint provides control modules."""
+    raise CLIError("control modules are not wired into sample.py yet")
+
+
+def generate(v: dict, args) -> dict:
+    """Load the models, sample, write the outputs. Returns the samples.json dict."""
+    import jax.numpy as jnp
+    from PIL import Image
+
+    from facecrafter_jax.pretrained import load_pretrained
+    from facecrafter_jax.sampling import Arc2FacePipeline
+
+    t0 = time.perf_counter()
+    models = load_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    t_load = time.perf_counter() - t0
+    if v["controls"]:
+        run_controlled(models, {}, v["controls"])
+    pipe = Arc2FacePipeline(models.unet, models.text_encoder, models.vae, scheduler=args.scheduler,
+                            scheduler_config=v["scheduler_config"])
+    n, batch = args.num_images, min(v["batch"], args.num_images)
+    emb = v["identity"]["embedding"]
+    os.makedirs(v["out"], exist_ok=True)
+    np.save(os.path.join(v["out"], "identity.npy"), emb)
+
+    t0 = time.perf_counter()
+    compile_s = pipe.compile(batch, num_steps=args.steps, guidance_scale=args.guidance_id,
+                             height=v["height"], width=v["width"], id_dim=ID_DIM)
+    t_sample = 0.0
+    images, records = [], []
+    for start in range(0, n, batch):
+        count = min(batch, n - start)  # the last batch is padded to `batch` (one compilation) and trimmed
+        t1 = time.perf_counter()
+        out = pipe(np.broadcast_to(emb, (batch, ID_DIM)), num_steps=args.steps, guidance_scale=args.guidance_id,
+                   seed=args.seed, first_index=start, height=v["height"], width=v["width"], output_type="uint8")
+        t_sample += time.perf_counter() - t1
+        for j in range(count):
+            name = f"{start + j:04d}.png"
+            Image.fromarray(out.images[j]).save(os.path.join(v["out"], name))
+            images.append(out.images[j])
+            records.append({"file": name, "index": start + j, "seed": args.seed, "noise_index": start + j})
+    Image.fromarray(contact_sheet(np.stack(images))).save(os.path.join(v["out"], "grid.png"))
+
+    ident = {k: val for k, val in v["identity"].items() if k != "embedding"}
+    ident["embedding_file"] = "identity.npy"
+    ident["embedding_sha256"] = hashlib.sha256(emb.astype("<f4").tobytes()).hexdigest()
+    controls = {k: {kk: vv for kk, vv in c.items() if kk != "array"} for k, c in v["controls"].items()}
+    meta = {
+        "tool": "sample.py",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": list(args.argv),
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "checkpoint_components": v["ckpt"]["components"],
+        "identity": ident,
+        "controls": controls,
+        "settings": {
+            "num_images": n, "batch_size": batch, "steps": args.steps, "scheduler": args.scheduler,
+            "scheduler_config": os.path.abspath(args.scheduler_config) if args.scheduler_config else "SD1.5 (built in)",
+            "guidance_id": args.guidance_id, "guidance_control": args.guidance_control, "seed": args.seed,
+            "height": v["height"], "width": v["width"], "dtype": args.dtype,
+            "noise": "image i: jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), [h, w, 4], float32)",
+        },
+        "images": records,
+        "grid": "grid.png",
+        "timing_s": {"load": round(t_load, 3), "compile": round(compile_s, 3), "sample": round(t_sample, 3),
+                     "total_generate": round(time.perf_counter() - t0, 3)},
+        "versions": versions(),
+    }
+    with open(os.path.join(v["out"], "samples.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        args.argv = argv
+        v = validate(args)
+        if v["identity"]["source"] == "image":
+            emb, info = embed_id_image(args.id_image, v["identity"]["landmarker"], v["identity"]["arcface"])
+            v["identity"].update(embedding=emb, face=info)
+        meta = generate(v, args)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(meta['images'])} images, grid.png and samples.json to {v['out']} "
+          f"(compile {meta['timing_s']['compile']:.1f}s, sampling {meta['timing_s']['sample']:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
