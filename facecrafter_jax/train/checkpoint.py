@@ -1,0 +1,226 @@
+"""Training checkpoints: orbax ``CheckpointManager`` under ``<run_dir>/checkpoints/<step>/``.
+
+Each step folder holds four items of one ``ocp.args.Composite``:
+
+``state``     the train state pytree: ``step``, trainable adapter ``params`` (flat ``{dotted path: array}``),
+              optimiser state, ``ema`` (empty when off) and the ``rng`` key data (StandardSave, sharded
+              arrays; restored directly into the current mesh's shardings, so a run may resume on another
+              mesh shape).
+``data_iter`` the grain pipeline position, one JSON per process (:func:`facecrafter_jax.data.iterator_save_args`).
+``config``    the resolved training config (JSON).
+``meta``      format version, parameter names and shapes of the trainable state, the frozen-base summary.
+
+Saves are asynchronous (``checkpoint.async_save``); a killed process leaves at most an uncommitted
+temporary folder, which orbax ignores and removes. Retention: the last ``keep_last`` steps plus the
+``keep_best`` best by ``best_metric`` (orbax ``LatestN`` + ``BestN`` preservation policies).
+
+On resume the checkpoint's ``meta`` and ``config`` are compared with the current run first:
+a different architecture (parameter names / shapes), or a change of a setting that changes the
+optimisation (``model``, ``loss``, ``optim``, ``conditioning``, ``seed``, data order) is a
+:class:`CheckpointMismatchError` listing the differences; an unreadable step is a
+:class:`CheckpointCorruptError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from .config import CheckpointConfig
+
+__all__ = ["FORMAT_VERSION", "CheckpointError", "CheckpointMismatchError", "CheckpointCorruptError",
+           "Checkpointer", "RESUME_KEYS", "config_differences", "load_trained_params", "find_step_dir"]
+
+FORMAT_VERSION = 1
+RESUME_KEYS = ("seed", "stage", "model", "loss", "optim", "conditioning", "data.global_batch_size", "data.seed",
+               "data.synthetic")
+"""Config sections / keys that must not change when a run resumes (dotted prefixes)."""
+_IGNORED_ON_RESUME = ("model.pretrained", "model.init_from")  # paths may move; checked by meta instead
+
+
+class CheckpointError(RuntimeError):
+    """Base class of checkpoint problems."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint belongs to a different architecture or configuration."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """The checkpoint cannot be read (missing or damaged files)."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out if out or not prefix else {prefix: {}}
+    return {prefix: d}
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys=RESUME_KEYS) -> list[str]:
+    """Dotted keys under ``keys`` whose values differ between two config dicts (``to_dict`` form)."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if not any(k == p or k.startswith(p + ".") for p in keys):
+            continue
+        if any(k == p or k.startswith(p + ".") for p in _IGNORED_ON_RESUME):
+            continue
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            diffs.append(f"{k}: checkpoint {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}")
+    return diffs
+
+
+def _meta_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    diffs = []
+    if saved.get("format_version") != current.get("format_version"):
+        diffs.append(f"format_version: checkpoint {saved.get('format_version')!r}, this code {current.get('format_version')!r}")
+    sp, cp = saved.get("params", {}), current.get("params", {})
+    missing = sorted(set(cp) - set(sp))
+    extra = sorted(set(sp) - set(cp))
+    if missing:
+        diffs.append(f"{len(missing)} trainable parameter(s) not in the checkpoint, e.g. {missing[:3]}")
+    if extra:
+        diffs.append(f"{len(extra)} checkpoint parameter(s) not in this model, e.g. {extra[:3]}")
+    for k in sorted(set(sp) & set(cp)):
+        if list(sp[k]) != list(cp[k]):
+            diffs.append(f"parameter {k}: checkpoint shape {tuple(sp[k])}, model shape {tuple(cp[k])}")
+    if saved.get("base") != current.get("base"):
+        diffs.append(f"frozen base: checkpoint {saved.get('base')!r}, now {current.get('base')!r}")
+    return diffs
+
+
+class Checkpointer:
+    """The run's ``CheckpointManager`` plus the consistency checks (see the module docstring).
+
+    Args:
+      directory: ``<run_dir>/checkpoints``.
+      cfg: the ``checkpoint`` config section.
+      config_dict: the resolved run config (``to_dict``), saved with every step and compared on resume.
+      meta: ``{"params": {name: shape}, "base": ...}`` of the current model (``format_version`` is added).
+    """
+
+    def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig, *, config_dict: Mapping[str, Any],
+                 meta: Mapping[str, Any]):
+        from orbax.checkpoint import checkpoint_managers as cm
+
+        self.directory = Path(directory).absolute()
+        self.cfg = cfg
+        self.config_dict = dict(config_dict)
+        self.meta = {"format_version": FORMAT_VERSION, **meta}
+        policies = [cm.LatestN(n=max(1, cfg.keep_last))]
+        if cfg.keep_best > 0:
+            if cfg.best_mode not in ("min", "max"):
+                raise ValueError(f"checkpoint.best_mode must be 'min' or 'max', got {cfg.best_mode!r}")
+            metric = cfg.best_metric
+            policies.append(cm.BestN(get_metric_fn=lambda m: m[metric], reverse=cfg.best_mode == "min",
+                                     n=cfg.keep_best, keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=cfg.async_save, create=True, cleanup_tmp_directories=True,
+            preservation_policy=cm.AnyPreservationPolicy(policies))
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # ------------------------------------------------------------------------------------------ save
+    def save(self, step: int, state: Mapping[str, Any], pipeline=None, *, metrics: Mapping[str, float] | None = None,
+             force: bool = False) -> bool:
+        """Start saving ``state`` (and the pipeline position) as step ``step``; returns whether it saved."""
+        from facecrafter_jax.data import iterator_save_args
+
+        items = dict(state=ocp.args.StandardSave(dict(state)), config=ocp.args.JsonSave(self.config_dict),
+                     meta=ocp.args.JsonSave(self.meta))
+        if pipeline is not None:
+            items["data_iter"] = iterator_save_args(pipeline)
+        if metrics is not None and self.cfg.keep_best > 0 and self.cfg.best_metric not in metrics:
+            raise KeyError(f"checkpoint.best_metric {self.cfg.best_metric!r} is not a logged metric "
+                           f"(have {sorted(metrics)})")
+        clean = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=clean, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # ------------------------------------------------------------------------------------------ restore
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def read_json_items(self, step: int) -> tuple[dict, dict]:
+        """(config, meta) saved at ``step``."""
+        try:
+            r = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                                   meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged folders
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is unreadable "
+                                         f"(config/meta): {type(e).__name__}: {e}") from e
+        if not isinstance(r.config, Mapping) or not isinstance(r.meta, Mapping):
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory}: config/meta items are not JSON objects")
+        return dict(r.config), dict(r.meta)
+
+    def check_compatible(self, step: int) -> None:
+        """Raise :class:`CheckpointMismatchError` if step ``step`` does not belong to this run's model/config."""
+        config, meta = self.read_json_items(step)
+        diffs = _meta_differences(meta, self.meta) + config_differences(config, self.config_dict)
+        if diffs:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} does not match this run:\n  " + "\n  ".join(diffs)
+                + "\nUse a new run_dir (or checkpoint.resume=false to start over in this one).")
+
+    def restore(self, step: int, abstract_state: Mapping[str, Any], pipeline=None) -> dict:
+        """Check compatibility, then restore the state (into ``abstract_state``'s shardings) and the
+        pipeline position (in place)."""
+        from facecrafter_jax.data import iterator_restore_args
+
+        self.check_compatible(step)
+        items = dict(state=ocp.args.StandardRestore(dict(abstract_state)))
+        if pipeline is not None:
+            items["data_iter"] = iterator_restore_args(pipeline)
+        try:
+            r = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} could not be restored "
+                                         f"(corrupt or incomplete): {type(e).__name__}: {e}") from e
+        return dict(r.state)
+
+
+def find_step_dir(path: str | os.PathLike) -> Path:
+    """A run directory, its ``checkpoints`` folder, or one step folder -> the step folder to read
+    (the latest committed step)."""
+    p = Path(path)
+    if (p / "state").is_dir() and (p / "meta").is_dir():
+        return p
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    steps = sorted((int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir()), reverse=True) \
+        if p.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no training checkpoint found at {path}")
+    return p / str(steps[0])
+
+
+def load_trained_params(path: str | os.PathLike, *, prefer_ema: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """Trainable parameters (``{dotted path: numpy array}``; the EMA copy when the run kept one and
+    ``prefer_ema``) and the config of a finished run / checkpoint step (used by ``model.init_from``)."""
+    step_dir = find_step_dir(path)
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ck:
+        config = ck.restore(step_dir / "config")
+    try:
+        with ocp.StandardCheckpointer() as ck:
+            state = ck.restore(step_dir / "state")
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointCorruptError(f"cannot read trained parameters from {step_dir}: {type(e).__name__}: {e}") from e
+    want = "ema" if prefer_ema and state.get("ema") else "params"
+    return {k: np.asarray(v) for k, v in state[want].items()}, dict(config)
