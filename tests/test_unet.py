@@ -20,7 +20,6 @@ from flax import nnx
 from facecrafter_jax.convert import load_unet
 from facecrafter_jax.convert.unet import export_unet_state, unet_key_map
 from facecrafter_jax.convert.weights import WeightConversionError
-from facecrafter_jax.models.attention import AttentionProbs
 from facecrafter_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 
 from conftest import nchw_to_nhwc, nhwc_to_nchw
@@ -70,7 +69,7 @@ def saved(tmp_path_factory):
     def get(name, safe=True):
         key = (name, safe)
         if key not in cache:
-            model = _torch_unet(CONFIGS[name], seed=len(cache))
+            model = _torch_unet(CONFIGS[name], seed=list(CONFIGS).index(name) + (0 if safe else 100))
             folder = tmp_path_factory.mktemp(f"{name}_{'st' if safe else 'bin'}")
             model.save_pretrained(folder, safe_serialization=safe)
             cache[key] = (model, str(folder))
