@@ -4,12 +4,17 @@ Sub-commands::
 
     facecrafter-convert from-diffusers --unet DIR [--text-encoder DIR] [--vae DIR] --out DIR
     facecrafter-convert to-diffusers CHECKPOINT OUT
+    facecrafter-convert params [--unet-config sd15|PATH] [--controls landmark,emotion] [--landmark-tokens N] ...
 
 ``from-diffusers`` reads a diffusers UNet folder, a transformers CLIPTextModel folder (Arc2Face's
 ``encoder/``; both key layouts) and a diffusers VAE folder, and writes our converted folder (see
 :mod:`facecrafter_jax.pretrained`). ``to-diffusers`` writes ``OUT/unet`` (a diffusers folder that
 stock ``UNet2DConditionModel.from_pretrained`` loads), ``OUT/text_encoder`` (transformers
-``CLIPTextModel``) and ``OUT/vae`` when present.
+``CLIPTextModel``) and ``OUT/vae`` when present, and, when the checkpoint has FaceCrafter adapters,
+``OUT/facecrafter_adapters.safetensors`` (PyTorch layout, for
+:func:`facecrafter_jax.torch_facecrafter.load_facecrafter_adapters`) with its config
+``OUT/facecrafter_adapters.json``. ``params`` prints FaceCrafter's trainable (AdapterParam) and frozen
+parameter counts for a UNet architecture, built abstractly (no memory).
 """
 
 from __future__ import annotations
@@ -54,7 +59,14 @@ def export_to_diffusers(checkpoint: str, out: str) -> list[str]:
     if models.unet is not None:
         d = os.path.join(out, "unet")
         os.makedirs(d, exist_ok=True)
-        save_file(export_unet_state(models.unet), os.path.join(d, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        if models.adapters is not None:  # the unet carries the adapters now: export its frozen base only
+            from facecrafter_jax.convert.weights import build_key_map, export_torch_state
+            from facecrafter_jax.models.control import FROZEN
+
+            unet_state = export_torch_state(models.unet, build_key_map(models.unet, variable_type=FROZEN), variable_type=FROZEN)
+        else:
+            unet_state = export_unet_state(models.unet)
+        save_file(unet_state, os.path.join(d, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(models.unet.config.to_dict(), f, indent=2)
         written.append(d)
@@ -69,7 +81,54 @@ def export_to_diffusers(checkpoint: str, out: str) -> list[str]:
         d = os.path.join(out, "vae")
         save_vae_diffusers(models.vae, d)
         written.append(d)
+    if models.adapters is not None:
+        written.extend(export_adapters(models.adapters, out))
     return written
+
+
+def export_adapters(model, out: str) -> list[str]:
+    """Write ``OUT/facecrafter_adapters.safetensors`` (PyTorch layout) and ``OUT/facecrafter_adapters.json``."""
+    from safetensors.numpy import save_file
+
+    from facecrafter_jax.models.facecrafter import export_adapter_state
+    from facecrafter_jax.models.facecrafter import ADAPTERS_CONFIG_FILE, ADAPTERS_FILE, ADAPTERS_FORMAT
+
+    os.makedirs(out, exist_ok=True)
+    weights, config = os.path.join(out, ADAPTERS_FILE), os.path.join(out, ADAPTERS_CONFIG_FILE)
+    save_file(export_adapter_state(model), weights, metadata={"format": "pt"})
+    with open(config, "w") as f:
+        json.dump({"format": ADAPTERS_FORMAT, "version": 1, "config": model.config.to_dict()}, f, indent=2)
+    return [weights, config]
+
+
+def _unet_config_arg(value: str):
+    from facecrafter_jax.models.unet_2d_condition import UNet2DConditionConfig
+
+    if value == "sd15":
+        return UNet2DConditionConfig.sd15()
+    path = os.path.join(value, "config.json") if os.path.isdir(value) else value
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--unet-config {value}: expected 'sd15', a diffusers UNet folder or its config.json")
+    with open(path) as f:
+        return UNet2DConditionConfig.from_diffusers_config(json.load(f))
+
+
+def _params(args) -> None:
+    from facecrafter_jax.models.facecrafter import FaceCrafterConfig, parameter_report
+
+    controls = tuple(c.strip() for c in args.controls.split(",") if c.strip())
+    config = FaceCrafterConfig(controls=controls, landmark_tokens=args.landmark_tokens, emotion_tokens=args.emotion_tokens,
+                               landmark_hidden_dim=args.landmark_hidden_dim, emotion_hidden_dim=args.emotion_hidden_dim)
+    report = parameter_report(_unet_config_arg(args.unet_config), config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"UNet architecture: {args.unet_config}; controls: {', '.join(controls)}")
+    print(f"frozen (UNet, nnx.Param):      {report['unet']:>14,d}")
+    print(f"trainable (AdapterParam):      {report['trainable']:>14,d}  ({report['percent_of_unet']:.2f}% of the UNet)")
+    for name, n in report["breakdown"].items():
+        print(f"  {name + ':':<28}{n:>14,d}")
+    print(f"total:                         {report['total']:>14,d}")
 
 
 def _to_diffusers(args) -> None:
@@ -93,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("checkpoint", help="folder written by from-diffusers (or by training)")
     t.add_argument("out", help="output folder: OUT/unet, OUT/text_encoder, OUT/vae")
     t.set_defaults(func=_to_diffusers)
+
+    q = sub.add_parser("params", help="FaceCrafter trainable vs frozen parameter counts (abstract build, no memory)")
+    q.add_argument("--unet-config", default="sd15", help="'sd15' (default), a diffusers UNet folder or its config.json")
+    q.add_argument("--controls", default="landmark,emotion", help="comma-separated controls (default: landmark,emotion)")
+    q.add_argument("--landmark-tokens", type=int, default=4)
+    q.add_argument("--emotion-tokens", type=int, default=4)
+    q.add_argument("--landmark-hidden-dim", type=int, default=1024)
+    q.add_argument("--emotion-hidden-dim", type=int, default=512)
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(func=_params)
     return p
 
 

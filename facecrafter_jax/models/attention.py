@@ -15,6 +15,12 @@ implementation is ``"explicit"`` sows them as :class:`AttentionProbs` under the 
 only when) it runs inside ``nnx.capture(..., AttentionProbs)``; outside a capture nothing is stored, so
 there is no cost when maps are not requested. This works inside ``nnx.jit`` / ``nnx.remat``.
 
+FaceCrafter control branches (decoupled cross-attention, see :meth:`Attention.add_control_branches` and
+``docs/method.md``): a cross-attention layer with control adapters (``to_k_c[name]``, ``to_v_c[name]``,
+installed by :func:`facecrafter_jax.models.control.add_control_adapters`) adds one attention branch per
+control passed in ``controls``. Explicit layers then also sow ``"probs_<name>"`` (:class:`AttentionProbs`)
+and the per-branch outputs before ``to_out`` as :class:`BranchOutputs` (``"out_id"``, ``"out_<name>"``).
+
 All tensors are ``[B, L, C]`` (tokens last-dim channels); heads are split once to ``[B, L, heads, d]``.
 """
 
@@ -31,6 +37,7 @@ from .resnet import conv2d, group_norm
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "AttentionProbs",
+    "BranchOutputs",
     "attend",
     "layer_norm",
     "Attention",
@@ -45,6 +52,13 @@ ATTENTION_IMPLEMENTATIONS = ("explicit", "xla", "cudnn", "auto")
 
 class AttentionProbs(nnx.Intermediate):
     """Variable type of sown attention probabilities (capture it with ``nnx.capture(fn, AttentionProbs)``)."""
+
+
+class BranchOutputs(nnx.Intermediate):
+    """Variable type of sown per-branch cross-attention outputs ``[B, Lq, heads, d]`` (before ``to_out``).
+
+    Sown only by explicit layers that run control branches, inside ``nnx.capture(..., BranchOutputs)``.
+    """
 
 
 def _check_implementation(implementation: str) -> None:
@@ -167,11 +181,48 @@ class Attention(nnx.Module):
         out = out.reshape(out.shape[0], out.shape[1], self.heads * self.dim_head)
         return self.to_out[1](self.to_out[0](out))
 
-    def __call__(self, hidden_states: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        """Self-attention when ``context`` is None, cross-attention to ``context`` otherwise."""
+    def add_control_branches(self, q: jax.Array, out: jax.Array, controls) -> jax.Array:
+        """Decoupled cross-attention: ``out + sum_c w_c * Attn(q, to_k_c[c](tokens_c), to_v_c[c](tokens_c))``.
+
+        ``controls`` maps a control name to ``(tokens [B, N, D], weight [B])`` where ``weight`` is the
+        per-sample ``mask * scale`` (float32). Branches run in the order the adapters were installed, so
+        the sum is deterministic; a weight of 0 adds exactly 0. On the explicit path (inside
+        ``nnx.capture``) the control probabilities are sown as ``"probs_<name>"`` and the branch outputs
+        (before weighting and ``to_out``) as :class:`BranchOutputs` ``"out_id"`` / ``"out_<name>"``.
+        """
+        to_k_c = getattr(self, "to_k_c", None)
+        to_v_c = getattr(self, "to_v_c", None)
+        names = tuple(to_k_c.keys()) if to_k_c is not None else ()
+        unknown = sorted(set(controls) - set(names))
+        if unknown:
+            raise ValueError(f"{self.layer_name or 'attention layer'}: no control adapter for {unknown} "
+                             f"(installed: {list(names)})")
+        expose = self.implementation == "explicit" and _capturing(self)
+        if expose:
+            self.sow(BranchOutputs, "out_id", out)
+        for name in names:
+            if name not in controls:
+                continue
+            tokens, weight = controls[name]
+            k_c, v_c = self.project_key_value(tokens, to_k_c[name], to_v_c[name])
+            out_c = self.attend(q, k_c, v_c, probs_name=f"probs_{name}")
+            if expose:
+                self.sow(BranchOutputs, f"out_{name}", out_c)
+            out = out + weight.astype(out.dtype)[:, None, None, None] * out_c
+        return out
+
+    def __call__(self, hidden_states: jax.Array, context: jax.Array | None = None, *, controls=None) -> jax.Array:
+        """Self-attention when ``context`` is None, cross-attention to ``context`` otherwise.
+
+        ``controls`` (cross-attention only): ``{name: (tokens [B, N, D], weight [B])}`` for
+        :meth:`add_control_branches`; None (default) runs the plain layer with no extra work.
+        """
         q = self.project_query(hidden_states)
         k, v = self.project_key_value(hidden_states if context is None else context)
-        return self.project_out(self.attend(q, k, v))
+        out = self.attend(q, k, v)
+        if controls:
+            out = self.add_control_branches(q, out, controls)
+        return self.project_out(out)
 
 
 class GEGLU(nnx.Module):
@@ -217,9 +268,9 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = layer_norm(dim, norm_eps, dtype, rngs)
         self.ff = FeedForward(dim, dropout=dropout, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, *, controls=None) -> jax.Array:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, controls=controls)
         return x + self.ff(self.norm3(x))
 
 
@@ -248,7 +299,8 @@ class Transformer2DModel(nnx.Module):
             for _ in range(num_layers)
         ])
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, *, controls=None) -> jax.Array:
+        """``controls``: optional FaceCrafter control inputs for every block's ``attn2`` (see :class:`Attention`)."""
         b, h, w, _ = x.shape
         residual = x
         x = self.norm(x)
@@ -257,7 +309,7 @@ class Transformer2DModel(nnx.Module):
         else:
             x = self.proj_in(x).reshape(b, h * w, self.inner_dim)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, controls=controls)
         if self.use_linear_projection:
             x = self.proj_out(x).reshape(b, h, w, -1)
         else:

@@ -9,6 +9,10 @@ Usage::
 
 Cross-attention layers (``attn2`` of every BasicTransformerBlock) carry a stable ``layer_index``
 0..N-1 in down -> mid -> up order (N = 16 for SD1.5) and a ``layer_name`` (their dotted path).
+
+FaceCrafter control adapters (:func:`facecrafter_jax.models.control.add_control_adapters`) add
+decoupled key/value projections to every ``attn2``; their inputs go through the keyword argument
+``controls`` of :meth:`UNet2DConditionModel.__call__` (absent or None: the plain UNet, no extra work).
 """
 
 from __future__ import annotations
@@ -224,6 +228,11 @@ class UNet2DConditionConfig:
         if self.time_embedding_dim is not None and self.time_embedding_dim <= 0:
             fail("time_embedding_dim", f"{self.time_embedding_dim!r} must be positive")
 
+    @classmethod
+    def sd15(cls) -> "UNet2DConditionConfig":
+        """The Stable Diffusion 1.5 (and Arc2Face) UNet architecture (cross_attention_dim 768, 64x64 latents)."""
+        return cls(sample_size=64, cross_attention_dim=768)
+
     @property
     def num_blocks(self) -> int:
         return len(self.block_out_channels)
@@ -420,15 +429,63 @@ class UNet2DConditionModel(nnx.Module):
                 raise ValueError(f"remat: unknown block name(s) {unknown}; valid names are {names}")
         self.remat_blocks = tuple(n for n in names if n in chosen)
 
-    def _run(self, name: str, block, *args):
+    def _run(self, name: str, block, *args, controls=None):
+        if controls is None:
+            if name in self.remat_blocks:
+                # Tree mode: graph mode cannot flatten the containers while nnx.capture is active (flax 0.12.8).
+                return nnx.remat(lambda blk, *a: blk(*a), graph=False)(block, *args)
+            return block(*args)
         if name in self.remat_blocks:
-            # Tree mode: graph mode cannot flatten the containers while nnx.capture is active (flax 0.12.8).
-            return nnx.remat(lambda blk, *a: blk(*a), graph=False)(block, *args)
-        return block(*args)
+            return nnx.remat(lambda blk, c, *a: blk(*a, controls=c), graph=False)(block, controls, *args)
+        return block(*args, controls=controls)
+
+    # -- FaceCrafter controls ----------------------------------------------------------------------
+    @property
+    def control_names(self) -> tuple[str, ...]:
+        """Names of the installed control adapters (empty for a plain UNet)."""
+        layers = self.cross_attention_layers()
+        to_k_c = getattr(layers[0], "to_k_c", None) if layers else None
+        return tuple(to_k_c.keys()) if to_k_c is not None else ()
+
+    def _prepare_controls(self, controls, batch: int):
+        """Validate ``{name: (tokens, mask, scale)}`` and turn it into ``{name: (tokens, weight [B])}``."""
+        if controls is None or len(controls) == 0:
+            return None
+        if not isinstance(controls, Mapping):
+            raise ValueError(f"controls must be a dict name -> (tokens, mask, scale), got {type(controls).__name__}")
+        installed = self.control_names
+        layers = self.cross_attention_layers()
+        out = {}
+        for name, value in controls.items():
+            if name not in installed:
+                raise ValueError(f"control {name!r} has no adapter in this UNet (installed: {list(installed)}); "
+                                 "install it with add_control_adapters")
+            if not isinstance(value, (tuple, list)) or len(value) != 3:
+                raise ValueError(f"controls[{name!r}] must be (tokens [B, N, D], mask [B] or None, scale scalar or [B])")
+            tokens, mask, scale = value
+            tokens = jnp.asarray(tokens)
+            dim = layers[0].to_k_c[name].kernel.shape[0]
+            if tokens.ndim != 3 or tokens.shape[0] != batch or tokens.shape[2] != dim:
+                raise ValueError(f"controls[{name!r}] tokens must be [B={batch}, N, D={dim}], got shape {tokens.shape}")
+            weights = []
+            for what, v in (("mask", mask), ("scale", scale)):
+                v = jnp.ones((), jnp.float32) if v is None else jnp.asarray(v, jnp.float32)
+                if v.ndim > 1 or (v.ndim == 1 and v.shape[0] not in (1, batch)):
+                    raise ValueError(f"controls[{name!r}] {what} must be a scalar or [B={batch}], got shape {v.shape}")
+                weights.append(jnp.broadcast_to(v.reshape(-1), (batch,)))
+            out[name] = (tokens.astype(self.dtype), weights[0] * weights[1])
+        return out
 
     # -- forward -----------------------------------------------------------------------------------
-    def __call__(self, sample: jax.Array, timesteps: jax.Array | float | int, encoder_hidden_states: jax.Array) -> jax.Array:
-        """Predict the noise (or v) for NHWC latents ``sample`` at ``timesteps`` given ``encoder_hidden_states``."""
+    def __call__(self, sample: jax.Array, timesteps: jax.Array | float | int, encoder_hidden_states: jax.Array, *,
+                 controls: Mapping[str, tuple] | None = None) -> jax.Array:
+        """Predict the noise (or v) for NHWC latents ``sample`` at ``timesteps`` given ``encoder_hidden_states``.
+
+        ``controls`` (FaceCrafter, needs :func:`~facecrafter_jax.models.control.add_control_adapters`):
+        ``{name: (tokens [B, N, D], mask [B] or None, scale scalar or [B])}``; every cross-attention layer
+        adds ``mask * scale * Attn(Q, to_k_c[name](tokens), to_v_c[name](tokens))`` to its identity branch.
+        A mask of 0 removes the control exactly; None or ``{}`` runs the plain UNet.
+        """
         c = self.config
         if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
             raise ValueError(f"sample must be [B, H, W, {c.in_channels}] (NHWC), got shape {sample.shape}")
@@ -442,6 +499,7 @@ class UNet2DConditionModel(nnx.Module):
         if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
             raise ValueError(f"timesteps must be a scalar or [B={batch}], got shape {timesteps.shape}")
         timesteps = jnp.broadcast_to(timesteps.reshape(-1), (batch,))
+        controls = self._prepare_controls(controls, batch)
 
         x = sample.astype(self.dtype)
         if c.center_input_sample:
@@ -452,24 +510,26 @@ class UNet2DConditionModel(nnx.Module):
         x = self.conv_in(x)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
-            x, states = self._run(f"down_blocks.{i}", block, x, emb, context)
+            x, states = self._run(f"down_blocks.{i}", block, x, emb, context, controls=controls)
             skips.extend(states)
         if self.mid_block is not None:
-            x = self._run("mid_block", self.mid_block, x, emb, context)
+            x = self._run("mid_block", self.mid_block, x, emb, context, controls=controls)
         for i, block in enumerate(self.up_blocks):
             k = len(block.resnets)
             block_skips, skips = tuple(skips[-k:]), skips[:-k]
-            x = self._run(f"up_blocks.{i}", block, x, block_skips, emb, context)
+            x = self._run(f"up_blocks.{i}", block, x, block_skips, emb, context, controls=controls)
         x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
         return x.astype(jnp.float32)
 
-    def forward_with_attention_probs(self, sample, timesteps, encoder_hidden_states, *, name: str = "probs"):
+    def forward_with_attention_probs(self, sample, timesteps, encoder_hidden_states, *, name: str = "probs",
+                                     controls=None):
         """Run the model and return ``(output, {layer_index: probs})`` for the explicit cross-attention layers.
 
         ``probs`` is ``[B, heads, H_l * W_l, S]`` float32 (rows sum to 1). Works inside ``nnx.jit`` /
         ``nnx.grad``. Equivalent to ``nnx.capture(unet, AttentionProbs)`` plus :meth:`attention_probs_by_index`.
+        With ``controls``, ``name="probs_<control>"`` selects a control branch's maps ``[B, heads, HW, N]``.
         """
-        out, inter = nnx.capture(self, AttentionProbs)(sample, timesteps, encoder_hidden_states)
+        out, inter = nnx.capture(self, AttentionProbs)(sample, timesteps, encoder_hidden_states, controls=controls)
         return out, self.attention_probs_by_index(inter, name=name)
 
     def attention_probs_by_index(self, intermediates, *, name: str = "probs") -> dict[int, jax.Array]:

@@ -1,6 +1,8 @@
 """Down / mid / up blocks of the SD1.x UNet (names mirror ``diffusers.models.unets.unet_2d_blocks``).
 
-NHWC tensors; skip connections are concatenated on the channel (last) axis.
+NHWC tensors; skip connections are concatenated on the channel (last) axis. Every block takes an optional
+keyword ``controls`` (FaceCrafter control inputs, see :class:`facecrafter_jax.models.attention.Attention`),
+passed to its transformers; blocks without attention accept and ignore it.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class DownBlock2D(nnx.Module):
         self.downsamplers = (nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, dtype=dtype, rngs=rngs)])
                              if add_downsample else None)
 
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array | None = None):
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array | None = None, *, controls=None):
         states = []
         for resnet in self.resnets:
             x = resnet(x, temb)
@@ -86,10 +88,10 @@ class CrossAttnDownBlock2D(nnx.Module):
         self.downsamplers = (nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, dtype=dtype, rngs=rngs)])
                              if add_downsample else None)
 
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array):
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, *, controls=None):
         states = []
         for resnet, attn in zip(self.resnets, self.attentions):
-            x = attn(resnet(x, temb), context)
+            x = attn(resnet(x, temb), context, controls=controls)
             states.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -122,10 +124,10 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         self.attentions = nnx.List(attentions)
         self.resnets = nnx.List(resnets)
 
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, *, controls=None) -> jax.Array:
         x = self.resnets[0](x, temb)
         for i, attn in enumerate(self.attentions):
-            x = self.resnets[i + 1](attn(x, context), temb)
+            x = self.resnets[i + 1](attn(x, context, controls=controls), temb)
         return x
 
 
@@ -151,7 +153,8 @@ class UpBlock2D(nnx.Module):
                                    resnet_groups, resnet_eps, dropout, dtype, rngs)
         self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
-    def __call__(self, x: jax.Array, skips: tuple, temb: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, skips: tuple, temb: jax.Array, context: jax.Array | None = None, *,
+                 controls=None) -> jax.Array:
         for resnet, skip in zip(self.resnets, reversed(skips)):
             x = resnet(jnp.concatenate([x, skip], axis=-1), temb)
         if self.upsamplers is not None:
@@ -180,9 +183,9 @@ class CrossAttnUpBlock2D(nnx.Module):
         ])
         self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
-    def __call__(self, x: jax.Array, skips: tuple, temb: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, skips: tuple, temb: jax.Array, context: jax.Array, *, controls=None) -> jax.Array:
         for resnet, attn, skip in zip(self.resnets, self.attentions, reversed(skips)):
-            x = attn(resnet(jnp.concatenate([x, skip], axis=-1), temb), context)
+            x = attn(resnet(jnp.concatenate([x, skip], axis=-1), temb), context, controls=controls)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x)
         return x
