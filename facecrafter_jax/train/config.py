@@ -108,6 +108,8 @@ class LossConfig:
       ad_weight: weight of the AD loss (0 turns it off and no attention maps are computed).
       ad_reading: name of the AD loss reading in ``facecrafter_jax.losses``.
       ad_layers: cross-attention layer indices read by the AD loss, or ``all``.
+      ad_options: keyword options of the reading (``per_head``, ``overlap``, ``id_token_positions``).
+      scheduler: overrides of SD1.5's noise-schedule keys (diffusers names), normally empty.
     """
 
     prediction_type: str = "epsilon"
@@ -115,6 +117,7 @@ class LossConfig:
     ad_weight: float = 0.0
     ad_reading: str = "orthogonality"
     ad_layers: str | tuple[int, ...] = "all"
+    ad_options: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
 
 

@@ -1,0 +1,144 @@
+"""Periodic sample grids during training (``sample.every > 0``).
+
+Rows: the first ``sample.num_identities`` records of the dataset (storage order, so the same faces for
+the whole run and across resumes). Columns: one per conditioning setup the model has, in order
+``ID``, ``ID+LMK``, ``ID+EMO``, ``ID+LMK+EMO`` (those whose controls exist), each with the record's own
+landmarks / emotion. Every image starts from the same seeded noise per row
+(:func:`facecrafter_jax.sampling.initial_noise`), so columns differ only by the conditions.
+Sampling: ``sample.scheduler`` with ``sample.num_steps`` steps and classifier-free guidance
+``sample.guidance_scale`` against the null condition (empty-prompt identity, controls off).
+The trained parameters used are the EMA copy when the run keeps one.
+
+Written to ``<run_dir>/samples/step_XXXXXXX.png`` (and TensorBoard). Without a VAE in the model config
+the grid shows the first three latent channels, min-max normalised per image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["sample_setups", "fixed_conditions", "generate", "write_sample_grid"]
+
+
+def sample_setups(controls) -> list[tuple[str, tuple[str, ...]]]:
+    """``[(label, active controls)]`` for the grid columns."""
+    out = [("ID", ())]
+    if "landmark" in controls:
+        out.append(("ID+LMK", ("landmark",)))
+    if "emotion" in controls:
+        out.append(("ID+EMO", ("emotion",)))
+    if "landmark" in controls and "emotion" in controls:
+        out.append(("ID+LMK+EMO", ("landmark", "emotion")))
+    return out
+
+
+def fixed_conditions(data_dir, num: int) -> dict[str, np.ndarray]:
+    """The first ``num`` records (arcface, landmarks, emotion) in storage order."""
+    from facecrafter_jax.data import iter_records
+
+    rows = []
+    for rec in iter_records(data_dir):
+        rows.append(rec)
+        if len(rows) == num:
+            break
+    if not rows:
+        raise ValueError(f"{data_dir} has no records to sample from")
+    return {k: np.stack([r[k] for r in rows]).astype(np.float32) for k in ("arcface", "landmarks", "emotion")}
+
+
+def generate(trainer, params, conds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    """Images ``[rows, cols, H, W, 3]`` in [0, 1] (or latent previews) and column labels."""
+    import jax
+    import jax.numpy as jnp
+
+    from facecrafter_jax import sampling as SP
+    from facecrafter_jax import tokens as _tokens
+
+    cfg = trainer.cfg
+    world = trainer.world
+    controls = tuple(world.facecrafter_config.controls)
+    setups = sample_setups(controls)
+    rows = conds["arcface"].shape[0]
+    unet_cfg = world.graphdef  # noqa: F841 - structure only
+    lat = _latent_hw(trainer)
+    plan = SP.make_plan(cfg.sample.scheduler, cfg.sample.num_steps)
+    noise = SP.initial_noise(cfg.sample.seed, rows, lat)
+
+    def program(params, frozen, arcface, landmarks, emotion, noise):
+        model = world.merge(params, frozen)
+        fc, text = model.facecrafter, model.text_encoder
+        ctx = text.encode_id(arcface)
+        empty = jnp.broadcast_to(text.encode_ids(np.asarray(_tokens.EMPTY_PROMPT_IDS)[None]), ctx.shape)
+        outs = []
+        for _, active in setups:
+            def cond(c, on):
+                d = {"ctx": c}
+                if "landmark" in controls:
+                    d["landmarks"] = landmarks
+                    d["landmark_mask"] = jnp.full((rows,), 1.0 if (on and "landmark" in active) else 0.0)
+                if "emotion" in controls:
+                    d["emotion"] = emotion
+                    d["emotion_mask"] = jnp.full((rows,), 1.0 if (on and "emotion" in active) else 0.0)
+                return d
+
+            def model_fn(x, t, c):
+                kw = {k: v for k, v in c.items() if k != "ctx"}
+                return fc(x, t, c["ctx"], **kw)
+
+            outs.append(SP.sample_latents(model_fn, plan, noise, [cond(empty, False), cond(ctx, True)],
+                                          [cfg.sample.guidance_scale]))
+        return jnp.stack(outs, axis=1)  # [rows, cols, h, w, 4]
+
+    latents = jax.jit(program)(params, trainer.frozen, conds["arcface"], conds["landmarks"], conds["emotion"], noise)
+    latents = np.asarray(jax.device_get(latents))
+    vae = world.vae
+    if vae is not None:
+        flat = latents.reshape((-1,) + latents.shape[2:])
+        imgs = np.asarray(jax.jit(lambda z: jnp.clip(vae.decode(z) / 2 + 0.5, 0, 1))(flat))
+        images = imgs.reshape(latents.shape[:2] + imgs.shape[1:])
+    else:
+        x = latents[..., :3]
+        lo = x.min(axis=(2, 3, 4), keepdims=True)
+        hi = x.max(axis=(2, 3, 4), keepdims=True)
+        images = (x - lo) / np.maximum(hi - lo, 1e-6)
+    return images, [label for label, _ in setups]
+
+
+def _latent_hw(trainer) -> tuple[int, int, int]:
+    from facecrafter_jax.data import records as R
+
+    info = R.read_dataset_info(trainer.data_dir)
+    s = R.latent_side(info["resolution"])
+    return (s, s, 4)
+
+
+def _grid(images: np.ndarray) -> np.ndarray:
+    rows, cols, h, w, c = images.shape
+    pad = 2
+    out = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.float32)
+    for i in range(rows):
+        for j in range(cols):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            out[y:y + h, x:x + w] = images[i, j]
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def write_sample_grid(trainer, step: int, logger) -> Path | None:
+    """Generate and write the grid for ``step`` (all processes compute; the primary writes)."""
+    from PIL import Image
+
+    if not hasattr(trainer, "_sample_conds"):
+        trainer._sample_conds = fixed_conditions(trainer.data_dir, trainer.cfg.sample.num_identities)
+    params = trainer.state["ema"] if trainer.state["ema"] else trainer.state["params"]
+    images, labels = generate(trainer, params, trainer._sample_conds)
+    if not trainer.primary:
+        return None
+    grid = _grid(images)
+    out = Path(trainer.run_dir) / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step_{step:07d}.png"
+    Image.fromarray(grid).save(path)
+    logger.image("samples/" + "|".join(labels), grid, step)
+    return path

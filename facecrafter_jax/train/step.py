@@ -1,0 +1,205 @@
+"""The train step: pure functions of (train state, frozen parameters, batch).
+
+One step, for a global batch of records (``arcface``, ``landmarks``, ``emotion``, ``latent_moments``,
+``sample_id``)::
+
+    key_i      = fold_in(fold_in(fold_in(run_key, step), sample_id_i[0]), sample_id_i[1])   per sample
+    x0_i       = VAE posterior sample from the stored moments (scaled)                        key_i / 0
+    noise_i    ~ N(0, I)                                                                     key_i / 1
+    t_i        ~ U{0, ..., T-1}                                                              key_i / 2
+    conditions = mixed-conditioning draw (which controls are on, identity dropped)            key_i / 3
+    ctx_i      = CLIP(arcface_i) (Arc2Face identity context), or the empty-prompt context if dropped
+    pred       = FaceCrafter(add_noise(x0, noise, t), t, ctx, controls)
+    loss       = mean_i w_i * mean((pred_i - target_i)^2)  +  ad_weight * AD(maps)
+    params     = AdamW(clip(grad_params loss))       (only the AdapterParam parameters)
+
+Randomness depends on (run seed, step, record id) only, never on a sample's position in the batch, so
+the same global batch gives the same losses on any mesh / process layout (up to the order of float
+sums) and a resumed run repeats an uninterrupted one bit for bit. ``sample_id`` is a 64-bit hash of the
+record's ``image_id`` (:func:`sample_ids`), computed on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from facecrafter_jax import schedulers as S
+from facecrafter_jax import tokens as _tokens
+from facecrafter_jax.models.vae import sample_latents_from_moments
+
+from .config import TrainConfig
+from .state import World
+
+__all__ = ["sample_ids", "make_noise_schedule", "per_sample_keys", "conditioning_config", "ad_loss_config",
+           "draw_conditioning", "guard_inactive", "make_train_step", "BATCH_FIELDS"]
+
+BATCH_FIELDS = ("image_id", "arcface", "landmarks", "emotion", "latent_moments")
+"""Record fields the trainer reads (``image_id`` becomes ``sample_id`` on the host)."""
+
+
+def sample_ids(image_ids) -> np.ndarray:
+    """``[B]`` image ids (str) -> ``[B, 2]`` uint32: the first 8 bytes of their BLAKE2b digest."""
+    out = np.empty((len(image_ids), 2), np.uint32)
+    for i, s in enumerate(image_ids):
+        d = hashlib.blake2b(str(s).encode("utf-8"), digest_size=8).digest()
+        out[i] = np.frombuffer(d, dtype="<u4")
+    return out
+
+
+def make_noise_schedule(cfg: TrainConfig) -> S.NoiseSchedule:
+    """SD1.5's training schedule (scaled_linear 0.00085..0.012, 1000 steps) with ``loss.prediction_type``;
+    ``loss.scheduler`` may override schedule keys (diffusers names)."""
+    if cfg.loss.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"loss.prediction_type must be 'epsilon' or 'v_prediction', got {cfg.loss.prediction_type!r}")
+    base = {**S.SD15_SCHEDULER_CONFIG, **dict(cfg.loss.scheduler)}
+    return S.NoiseSchedule.from_config(base, prediction_type=cfg.loss.prediction_type)
+
+
+def per_sample_keys(rng_data: jax.Array, step: jax.Array, sample_id: jax.Array) -> jax.Array:
+    """``[B]`` typed keys: the run key folded with the step and each sample's 64-bit id."""
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(step_key, s[0]), s[1]))(sample_id)
+
+
+def _ema_decay(decay: float, step: jax.Array) -> jax.Array:
+    """diffusers ``EMAModel`` warm-up: ``min(decay, (1 + step) / (10 + step))``."""
+    step = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def conditioning_config(controls: tuple[str, ...], overrides: Mapping[str, Any]):
+    """The mixed-conditioning config of a run (``facecrafter_jax.conditioning.MixedConditioningConfig``).
+
+    Empty ``conditioning`` section: the default (uniform over the four ID setups, 5% all-null) for the
+    joint stage, ``MixedConditioningConfig.single(control)`` (ID / ID+control evenly, 5% all-null) for a
+    single-control stage. A single-control stage may set only ``all_null``; otherwise the section gives
+    the setup probabilities (keys of ``MixedConditioningConfig``), and ``controls`` always follows the model.
+    """
+    from facecrafter_jax import conditioning as C
+
+    d = dict(overrides)
+    if "controls" in d and tuple(d["controls"]) != tuple(controls):
+        raise ValueError(f"conditioning.controls {list(d['controls'])} differs from model.controls {list(controls)}")
+    d.pop("controls", None)
+    if len(controls) == 1 and set(d) <= {"all_null"}:
+        return C.MixedConditioningConfig.single(controls[0], **({"all_null": float(d["all_null"])} if d else {}))
+    return C.MixedConditioningConfig.from_dict({**d, "controls": tuple(controls)})
+
+
+def ad_loss_config(cfg: TrainConfig):
+    """``facecrafter_jax.losses.ADLossConfig`` of the run (weight 1: the step applies ``loss.ad_weight``)."""
+    from facecrafter_jax import losses as L
+
+    layers = cfg.loss.ad_layers if cfg.loss.ad_layers == "all" else tuple(int(i) for i in cfg.loss.ad_layers)
+    return L.ADLossConfig.from_dict({"kind": cfg.loss.ad_reading, "weight": 1.0, "layers": layers,
+                                     "options": dict(cfg.loss.ad_options)})
+
+
+_AD_CAPTURE = {"orthogonality": ("out",), "map_overlap": ("probs",)}
+
+
+def guard_inactive(maps, active: Mapping[str, jax.Array]):
+    """Replace the control-branch maps of inactive samples by a constant (ones) before the AD loss.
+
+    Inactive samples (control off or null-dropped) do not contribute to the AD loss value, but their
+    branch outputs can be exactly zero (a null input through zero-bias encoders gives zero tokens, so
+    zero values), and the cosine's norm has a NaN gradient at 0 which masking inside the loss does not
+    stop (0 * NaN). The replacement leaves the loss value unchanged and gives those samples a zero
+    gradient.
+    """
+    out = {}
+    for layer, branches in maps.items():
+        out[layer] = {}
+        for branch, kinds in branches.items():
+            if branch in active:
+                a = active[branch]
+                kinds = {k: jnp.where(a.reshape((-1,) + (1,) * (v.ndim - 1)) > 0, v, jnp.ones_like(v))
+                         for k, v in kinds.items()}
+            out[layer][branch] = dict(kinds)
+    return out
+
+
+def draw_conditioning(keys: jax.Array, config):
+    """One mixed-conditioning draw per sample key (``[B]`` keys -> ``ConditioningSample`` with ``[B]`` leaves)."""
+    from facecrafter_jax import conditioning as C
+
+    draw = jax.vmap(lambda k: C.sample_conditioning(k, 1, config))(keys)
+    return jax.tree.map(lambda x: x[:, 0], draw)
+
+
+def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransformation,
+                    lr_schedule: Callable[[jax.Array], jax.Array]) -> Callable:
+    """``train_step(state, frozen, batch) -> (state, metrics)`` for this model and config (pure; jit it)."""
+    from facecrafter_jax import conditioning as C
+    from facecrafter_jax import losses as L
+
+    schedule = make_noise_schedule(cfg)
+    controls = tuple(world.facecrafter_config.controls)
+    cond_cfg = conditioning_config(controls, cfg.conditioning)
+    ad_weight = float(cfg.loss.ad_weight)
+    if ad_weight < 0:
+        raise ValueError(f"loss.ad_weight must be >= 0, got {ad_weight}")
+    ad_cfg = ad_loss_config(cfg) if ad_weight > 0 else None
+    capture = _AD_CAPTURE.get(cfg.loss.ad_reading, ("probs", "out"))
+    gamma = cfg.loss.min_snr_gamma
+    ema_decay = cfg.optim.ema_decay
+    scaling, shift = world.vae_scaling_factor, world.vae_shift_factor
+    empty_ids = np.asarray(_tokens.EMPTY_PROMPT_IDS)[None]
+
+    def train_step(state: dict, frozen: dict, batch: Mapping[str, jax.Array]):
+        moments = batch["latent_moments"]
+        b = moments.shape[0]
+        keys = per_sample_keys(state["rng"], state["step"], batch["sample_id"])
+        sub = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
+        x0 = jax.vmap(lambda m, k: sample_latents_from_moments(m, k, scaling_factor=scaling, shift_factor=shift))(
+            moments, sub[:, 0])
+        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(sub[:, 1])
+        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(sub[:, 2])
+        cond = draw_conditioning(sub[:, 3], cond_cfg)
+        noisy = S.add_noise(schedule, x0, noise, t)
+        target = S.training_target(schedule, x0, noise, t)
+
+        # The frozen CLIP encoder turns the stored ArcFace vectors into the Arc2Face identity context.
+        text = world.merge(state["params"], frozen).text_encoder
+        context, inputs = C.apply_conditioning(
+            cond, text.encode_id(batch["arcface"]), text.encode_ids(empty_ids),
+            landmarks=batch["landmarks"] if "landmark" in controls else None,
+            emotion=batch["emotion"] if "emotion" in controls else None)
+        weight = S.min_snr_weight(schedule, t, gamma) if gamma is not None else jnp.ones((b,), jnp.float32)
+
+        def loss_fn(params):
+            fc = world.merge(params, frozen).facecrafter
+            if ad_cfg is not None:
+                pred, maps = fc.forward_with_maps(noisy, t, context, capture=capture, **inputs)
+                active = C.active_controls(cond)
+                ad = L.ad_loss(ad_cfg, guard_inactive(maps, active), active)
+            else:
+                pred = fc(noisy, t, context, **inputs)
+                ad = jnp.zeros((), jnp.float32)
+            mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
+            diffusion = jnp.mean(weight * mse)
+            return diffusion + ad_weight * ad, {"diffusion_loss": diffusion, "ad_loss": ad}
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        if ema_decay is not None:
+            d = _ema_decay(ema_decay, state["step"])
+            new["ema"] = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
+        metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
+                   "timestep_mean": jnp.mean(t.astype(jnp.float32)),
+                   "id_null_frac": jnp.mean(cond.id_null)}
+        for c in controls:
+            metrics[f"{c}_active_frac"] = jnp.mean(C.active_controls(cond)[c])
+        return new, metrics
+
+    return train_step
