@@ -1,7 +1,7 @@
-"""Tiny random PyTorch reference models (diffusers / transformers), saved with save_pretrained.
+"""PyTorch reference helpers: tiny random Arc2Face-shaped models and Arc2Face's identity procedure.
 
-Shared by the conversion, demo and pipeline tests. Every parameter (norms and biases included) is
-drawn from a seeded normal so no layer is an identity by accident.
+Used by the tests, the benchmarks and the demo (needs the ``torch`` extra). Every parameter (norms and
+biases included) is drawn from a seeded normal so no layer is an identity by accident.
 """
 
 from __future__ import annotations
@@ -61,3 +61,32 @@ def save_tiny_arc2face(root, seed: int = 0) -> dict:
     for name, m in models.items():
         m.save_pretrained(str(root / name))
     return models
+
+
+def arc2face_context_torch(text_encoder, arcface: torch.Tensor) -> torch.Tensor:
+    """Arc2Face's identity context computed the official way, one identity at a time, in PyTorch.
+
+    ``text_encoder`` is a transformers ``CLIPTextModel``; ``arcface`` [B, D] must already be
+    L2-normalised (Arc2Face normalises in the caller). The embedding of the ``id`` token of
+    "photo of a id person" is replaced by the vector zero-padded to the hidden size, then position
+    embeddings, the causal encoder and the final LayerNorm run as usual.
+    """
+    import numpy as np
+    import torch.nn.functional as F
+
+    from facecrafter_jax import tokens
+
+    te = text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
+    ids = torch.from_numpy(tokens.ARC2FACE_PROMPT_IDS[None].astype(np.int64))
+    hidden = te.config.hidden_size
+    outs = []
+    with torch.no_grad():
+        for emb in arcface:
+            tok = te.embeddings.token_embedding(ids)
+            tok[ids == tokens.ID_TOKEN_ID] = F.pad(emb[None].to(tok.dtype), (0, hidden - emb.shape[-1]))
+            h = te.embeddings(input_ids=ids, inputs_embeds=tok)
+            n = ids.shape[-1]
+            causal = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+            h = te.encoder(inputs_embeds=h, attention_mask=causal).last_hidden_state
+            outs.append(te.final_layer_norm(h))
+    return torch.cat(outs)
