@@ -219,7 +219,11 @@ def load_trained_params(path: str | os.PathLike, *, prefer_ema: bool = True) -> 
         config = ck.restore(step_dir / "config")
     try:
         with ocp.StandardCheckpointer() as ck:
-            state = ck.restore(step_dir / "state")
+            tree = ck.metadata(step_dir / "state").item_metadata.tree
+            # Restore onto this process's first device whatever mesh wrote it.
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
+            state = ck.restore(step_dir / "state", abstract)
     except Exception as e:  # noqa: BLE001
         raise CheckpointCorruptError(f"cannot read trained parameters from {step_dir}: {type(e).__name__}: {e}") from e
     want = "ema" if prefer_ema and state.get("ema") else "params"

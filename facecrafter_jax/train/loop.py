@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -218,6 +219,20 @@ class Trainer:
         self.step_flops = compiled_flops(self.compiled)
         return self.compiled
 
+    def sharding_summary(self) -> dict:
+        """``{"mesh": {...}, "frozen": {name: spec}, "params": {...}, "opt_state": {path: spec}}`` (specs as strings)."""
+        import jax
+
+        def spec(s):
+            return str(tuple(s.spec))
+
+        opt = {jax.tree_util.keystr(p): spec(s)
+               for p, s in jax.tree_util.tree_flatten_with_path(self.state_shardings["opt_state"])[0]}
+        return {"mesh": dict(self.mesh.shape), "min_shard_size": self.cfg.mesh.min_shard_size,
+                "frozen": {k: spec(s) for k, s in self.frozen_shardings.items()},
+                "params": {k: spec(s) for k, s in self.state_shardings["params"].items()},
+                "opt_state": opt}
+
     def next_batch(self) -> dict:
         """The next global batch with ``image_id`` replaced by the ``sample_id`` hash (sharded like the rest)."""
         import jax
@@ -263,6 +278,7 @@ class Trainer:
         if self.primary:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(_yaml(cfg))
+            (self.run_dir / "sharding.json").write_text(json.dumps(self.sharding_summary(), indent=1))
             logger.write(f"[train] {cfg.name}: mesh {dict(self.mesh.shape)} on {jax.device_count()} devices / "
                          f"{jax.process_count()} processes; {_count(self.world.params):,} trainable, "
                          f"{_count(self.world.frozen):,} frozen parameters; compile {self.compile_seconds:.1f}s"
