@@ -76,7 +76,7 @@ class World:
     facecrafter_config: Any
 
     def state_from_flat(self, flat: Mapping[str, jax.Array]) -> nnx.State:
-        return nnx.State.from_flat_path({self.paths[k]: v for k, v in flat.items()})
+        return nnx.from_flat_state({self.paths[k]: v for k, v in flat.items()})
 
     def merge(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array]) -> TrainModel:
         """The :class:`TrainModel` with the given trainable and frozen values (inside or outside jit)."""
@@ -217,7 +217,7 @@ def random_fill_(module: nnx.Module, seed: int) -> None:
             fan_in = max(1, int(np.prod(shape[:-1]))) if len(shape) > 1 else max(1, shape[0])
             value = rng.normal(0.0, 1.0 / math.sqrt(fan_in), shape).astype(np.float32)
         updates[tuple(path)] = jnp.asarray(value)
-    nnx.update(module, nnx.State.from_flat_path(updates))
+    nnx.update(module, nnx.from_flat_state(updates))
 
 
 def _plain_dict(d) -> dict:
