@@ -188,7 +188,7 @@ def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransforma
             return diffusion + ad_weight * ad, {"diffusion_loss": diffusion, "ad_loss": ad}
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
