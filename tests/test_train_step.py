@@ -134,3 +134,23 @@ def test_bf16_remat_vprediction_min_snr(tmp_path, trainer):
         assert t.world.graphdef is not None and t.cfg.model.remat is True
     finally:
         t.pipeline.close()
+
+
+def test_sample_grid_id_column_is_arc2face(trainer, tmp_path):
+    """The grid's ID-only column (controls off) is exactly Arc2Face sampling with the base UNet."""
+    import dataclasses
+
+    from facecrafter_jax.sampling import Arc2FacePipeline
+    from facecrafter_jax.train import samples as SMP
+
+    trainer.cfg = dataclasses.replace(trainer.cfg, sample=dataclasses.replace(
+        trainer.cfg.sample, num_identities=2, num_steps=2, scheduler="ddim", guidance_scale=3.0, seed=5))
+    conds = SMP.fixed_conditions(trainer.data_dir, 2)
+    latents, images, labels = SMP.generate(trainer, trainer.world.params, conds)
+    assert labels == ["ID", "ID+LMK", "ID+EMO", "ID+LMK+EMO"]
+    assert latents.shape == (2, 4, 8, 8, 4) and images.shape == (2, 4, 8, 8, 3)
+    assert np.abs(latents[:, 1] - latents[:, 0]).max() > 1e-4  # the landmark column really differs
+    model = trainer.world.merge(trainer.world.params, trainer.world.frozen)
+    ref = Arc2FacePipeline(model.facecrafter.unet, model.text_encoder, scheduler="ddim")(
+        conds["arcface"], num_steps=2, guidance_scale=3.0, seed=5, output_type="latent")
+    np.testing.assert_allclose(latents[:, 0], np.asarray(ref.latents), atol=1e-5, rtol=1e-5)

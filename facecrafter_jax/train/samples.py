@@ -48,8 +48,9 @@ def fixed_conditions(data_dir, num: int) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]).astype(np.float32) for k in ("arcface", "landmarks", "emotion")}
 
 
-def generate(trainer, params, conds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
-    """Images ``[rows, cols, H, W, 3]`` in [0, 1] (or latent previews) and column labels."""
+def generate(trainer, params, conds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Final latents ``[rows, cols, h, w, 4]``, images ``[rows, cols, H, W, 3]`` in [0, 1] (or latent
+    previews without a VAE) and the column labels."""
     import jax
     import jax.numpy as jnp
 
@@ -61,7 +62,6 @@ def generate(trainer, params, conds: dict[str, np.ndarray]) -> tuple[np.ndarray,
     controls = tuple(world.facecrafter_config.controls)
     setups = sample_setups(controls)
     rows = conds["arcface"].shape[0]
-    unet_cfg = world.graphdef  # noqa: F841 - structure only
     lat = _latent_hw(trainer)
     plan = SP.make_plan(cfg.sample.scheduler, cfg.sample.num_steps)
     noise = SP.initial_noise(cfg.sample.seed, rows, lat)
@@ -103,7 +103,7 @@ def generate(trainer, params, conds: dict[str, np.ndarray]) -> tuple[np.ndarray,
         lo = x.min(axis=(2, 3, 4), keepdims=True)
         hi = x.max(axis=(2, 3, 4), keepdims=True)
         images = (x - lo) / np.maximum(hi - lo, 1e-6)
-    return images, [label for label, _ in setups]
+    return latents, images, [label for label, _ in setups]
 
 
 def _latent_hw(trainer) -> tuple[int, int, int]:
@@ -132,7 +132,7 @@ def write_sample_grid(trainer, step: int, logger) -> Path | None:
     if not hasattr(trainer, "_sample_conds"):
         trainer._sample_conds = fixed_conditions(trainer.data_dir, trainer.cfg.sample.num_identities)
     params = trainer.state["ema"] if trainer.state["ema"] else trainer.state["params"]
-    images, labels = generate(trainer, params, trainer._sample_conds)
+    _, images, labels = generate(trainer, params, trainer._sample_conds)
     if not trainer.primary:
         return None
     grid = _grid(images)
