@@ -416,3 +416,23 @@ def test_mixed_conditioning_config_errors_and_single_stage():
     setup = np.asarray(s.setup)
     assert set(np.unique(setup)) <= {0, 1, 4}
     assert abs((setup == 1).mean() - 0.475) < 0.04
+
+
+def test_bf16_compute_keeps_float32_params_and_stats():
+    """bf16 compute dtype: float32 AdapterParams, bf16 activations, close to the float32 result."""
+    r = np.random.default_rng(3)
+    lmk = jnp.asarray(r.uniform(size=(2, 478, 3)).astype(np.float32))
+    x = jnp.asarray(r.normal(size=(2, 6, 16)).astype(np.float32))
+    ctx = jnp.asarray(r.normal(size=(2, 5, 12)).astype(np.float32))
+    results = []
+    for dt in (jnp.float32, jnp.bfloat16):
+        enc = ControlTokenEncoder("landmark", num_tokens=2, hidden_dim=8, output_dim=12, dtype=dt, rngs=nnx.Rngs(0))
+        attn = Attention(16, 12, heads=2, dim_head=4, dtype=dt, rngs=nnx.Rngs(1))
+        attn.to_k_c = nnx.Dict({"landmark": AdapterLinear(12, 8, use_bias=False, dtype=dt, rngs=nnx.Rngs(2))})
+        attn.to_v_c = nnx.Dict({"landmark": AdapterLinear(12, 8, use_bias=False, dtype=dt, rngs=nnx.Rngs(3))})
+        assert {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state((enc, attn), nnx.Param))} == {jnp.dtype(jnp.float32)}
+        tokens = enc(lmk)
+        y = attn(x.astype(dt), ctx.astype(dt), controls={"landmark": (tokens, jnp.ones(2))})
+        assert tokens.dtype == dt and y.dtype == dt
+        results.append(np.asarray(y, np.float32))
+    assert np.abs(results[0] - results[1]).max() < 0.05 * np.abs(results[0]).max()
