@@ -110,7 +110,8 @@ def orthogonality_loss(maps, active: Mapping[str, jax.Array], *, layers=None, pe
     For layer l, control c, sample b: ``v = mean_q cos^2(o_id[b, q], o_c[b, q])`` with the vectors the
     concatenated heads (``[heads * d]``), or per head and averaged over heads with ``per_head``.
     The loss is the average of v over (l, c, b) with ``active[c][b] > 0``. Orthogonal outputs -> 0,
-    parallel -> 1. ``eps`` guards zero vectors.
+    parallel -> 1. Computed as ``<x, y>^2 / max(|x|^2 |y|^2, eps^2)`` (no square root), so a zero
+    branch output (e.g. a null-dropped input through zero-bias layers) gives 0 with a finite gradient.
     """
     chosen = _select_layers(maps, layers)
     values, weights = [], []
@@ -125,8 +126,9 @@ def orthogonality_loss(maps, active: Mapping[str, jax.Array], *, layers=None, pe
             else:
                 x, y = o_id, o_c
             dot = jnp.sum(x * y, axis=-1)
-            cos = dot / jnp.maximum(jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1), eps)
-            v = jnp.mean(jnp.square(cos).reshape(cos.shape[0], -1), axis=1)  # [B]
+            norms2 = jnp.sum(x * x, axis=-1) * jnp.sum(y * y, axis=-1)
+            cos2 = jnp.square(dot) / jnp.maximum(norms2, eps * eps)
+            v = jnp.mean(cos2.reshape(cos2.shape[0], -1), axis=1)  # [B]
             values.append(v)
             weights.append(a)
     return _masked_mean(values, weights)
@@ -135,6 +137,11 @@ def orthogonality_loss(maps, active: Mapping[str, jax.Array], *, layers=None, pe
 # --------------------------------------------------------------------------------------------
 # Reading B: overlap of spatial attention maps
 # --------------------------------------------------------------------------------------------
+
+
+def _safe_norm(x: jax.Array, axis: int, eps: float) -> jax.Array:
+    """``|x|`` with a finite gradient at 0 (``sqrt(max(|x|^2, eps))``)."""
+    return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=axis), eps))
 
 
 def _spatial(probs: jax.Array, eps: float) -> jax.Array:
@@ -175,8 +182,7 @@ def map_overlap_loss(maps, active: Mapping[str, jax.Array], *, layers=None,
             c_map = _spatial(_get(maps, layer, name, "probs"), eps)  # [B, Lq, N]
             if overlap == "cosine":
                 num = jnp.einsum("bq,bqn->bn", id_map, c_map)
-                den = jnp.linalg.norm(id_map, axis=1)[:, None] * jnp.linalg.norm(c_map, axis=1)
-                per_token = num / jnp.maximum(den, eps)
+                per_token = num / (_safe_norm(id_map, 1, eps)[:, None] * _safe_norm(c_map, 1, eps))
             else:
                 per_token = jnp.sum(jnp.minimum(id_map[:, :, None], c_map), axis=1)
             values.append(jnp.mean(per_token, axis=1))

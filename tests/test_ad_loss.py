@@ -182,3 +182,19 @@ def test_end_to_end_copy_init_branch_equals_id_branch():
     value, n = loss(unet, x, ctx, jnp.ones(2))
     assert int(n) == 4 and abs(float(value) - 1.0) < 1e-5
     assert float(loss(unet, x, ctx, jnp.zeros(2))[0]) == 0.0
+
+
+def test_zero_branch_outputs_and_maps_give_finite_gradients():
+    """A null-dropped input can give exactly-zero branch outputs; masked or not, no NaN may reach the gradient."""
+    x, y = _orthogonal_pair(6)
+    y[1] = 0.0  # sample 1: zero control output
+    for act in (jnp.array([1.0, 0.0, 1.0]), jnp.ones(3)):
+        value, g = jax.value_and_grad(lambda o: orthogonality_loss(_out_maps(x, {"landmark": o}), {"landmark": act}))(
+            jnp.asarray(y))
+        assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(g)))
+    assert float(orthogonality_loss(_out_maps(x, {"landmark": y}), {"landmark": jnp.ones(3)})) < 1e-10
+    ctrl = np.zeros((1, 4, 1))  # an all-zero control map
+    g = jax.grad(lambda c: map_overlap_loss({0: {"id": {"probs": _probs_maps([[0.5, 0.5, 0, 0]], ctrl)[0]["id"]["probs"]},
+                                                 "landmark": {"probs": c}}}, {"landmark": jnp.ones(1)}))(
+        jnp.zeros((1, 2, 4, 1)))
+    assert np.all(np.isfinite(np.asarray(g)))
