@@ -46,9 +46,9 @@ def train_command(config: str | os.PathLike, overrides: Sequence[str]) -> list[s
 
 
 def run_train(config, overrides: Sequence[str], *, devices: int = 1, cache_dir=None, timeout: float = 600,
-              check: bool = True) -> subprocess.CompletedProcess:
+              check: bool = True, fast_compile: bool = True) -> subprocess.CompletedProcess:
     """Run one training process to completion; raises with its output if it fails (``check``)."""
-    r = subprocess.run(train_command(config, overrides), cwd=REPO, env=train_env(devices, cache_dir),
+    r = subprocess.run(train_command(config, overrides), cwd=REPO, env=train_env(devices, cache_dir, fast_compile),
                        capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise RuntimeError(f"train.py failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
