@@ -27,7 +27,7 @@ def test_override_types_follow_the_field():
     cfg = C.load_config(str(REPO / "configs" / "tiny_cpu.yaml"), [
         "optim.lr=1e-4",               # YAML 1.1 reads this as a string; the field is a float
         "mesh.fsdp=4", "steps=7", "optim.ema_decay=null", "checkpoint.async_save=false",
-        "loss.ad_layers=3,12", "model.remat=true", "model.controls=[landmark]", "name=123",
+        "loss.ad_layers=3,12", "model.remat=true", "model.controls=[landmark]", "stage=landmark", "name=123",
         "loss.min_snr_gamma=5",
     ])
     assert cfg.optim.lr == 1e-4 and type(cfg.optim.lr) is float
@@ -69,6 +69,22 @@ def test_overrides_inside_free_form_sections():
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(C.ConfigError) as e:
         C.load_config(str(REPO / "configs" / "tiny_cpu.yaml"), [override])
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["optim.schedule=linear"], "'optim.schedule' must be one of ['cosine', 'constant'], got 'linear'"),
+    (["model.dtype=float16"], "'model.dtype'"),
+    (["loss.prediction_type=sample"], "'loss.prediction_type'"),
+    (["optim.ema_decay=1.5"], "'optim.ema_decay'"),
+    (["data.global_batch_size=0"], "'data.global_batch_size'"),
+    (["stage=landmark"], "does not fit stage 'landmark'"),
+    (["model.controls=[landmark, pose]"], "'model.controls'"),
+    (["stage=landmark", "model.controls=[landmark]", "model.init_from.emotion=runs/b"], "'model.init_from'"),
+])
+def test_bad_values_name_the_key(overrides, needle):
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(str(REPO / "configs" / "tiny_cpu.yaml"), overrides)
     assert needle in str(e.value)
 
 

@@ -42,6 +42,16 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- the schema
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(key: str, value) -> None:
+    if not value > 0:
+        raise ConfigError(f"config key '{key}' must be positive, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What is trained and on which frozen base.
@@ -72,6 +82,14 @@ class ModelConfig:
     attention_implementation: str = "xla"
     init_seed: int = 0
 
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("model.attention_implementation", self.attention_implementation, ("xla", "cudnn", "auto"))
+        if not self.controls or any(c not in ("landmark", "emotion") for c in self.controls) \
+                or len(set(self.controls)) != len(self.controls):
+            raise ConfigError(f"config key 'model.controls' must be a non-empty subset of [landmark, emotion], "
+                              f"got {list(self.controls)}")
+
 
 @dataclass(frozen=True)
 class SyntheticDataConfig:
@@ -82,6 +100,11 @@ class SyntheticDataConfig:
     seed: int = 0
     latent_dtype: str = "float32"
     shard_size: int = 32
+
+    def __post_init__(self):
+        _positive("data.synthetic.num_records", self.num_records)
+        _positive("data.synthetic.shard_size", self.shard_size)
+        _choice("data.synthetic.latent_dtype", self.latent_dtype, ("float16", "float32"))
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,12 @@ class DataConfig:
     read_threads: int = 4
     read_buffer_size: int = 4
     device_prefetch: int = 2
+
+    def __post_init__(self):
+        _positive("data.global_batch_size", self.global_batch_size)
+        _positive("data.device_prefetch", self.device_prefetch)
+        if self.worker_count < 0:
+            raise ConfigError(f"config key 'data.worker_count' must be >= 0, got {self.worker_count}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +149,15 @@ class LossConfig:
     ad_options: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        _choice("loss.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        if self.ad_weight < 0:
+            raise ConfigError(f"config key 'loss.ad_weight' must be >= 0, got {self.ad_weight}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ConfigError(f"config key 'loss.min_snr_gamma' must be positive or null, got {self.min_snr_gamma}")
+        if isinstance(self.ad_layers, str) and self.ad_layers != "all":
+            raise ConfigError(f"config key 'loss.ad_layers' must be 'all' or layer indices, got {self.ad_layers!r}")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -136,6 +174,17 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip_norm: float | None = 1.0
     ema_decay: float | None = None
+
+    def __post_init__(self):
+        _choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        if not self.lr > 0:
+            raise ConfigError(f"config key 'optim.lr' must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"config key 'optim.warmup_steps' must be >= 0, got {self.warmup_steps}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"config key 'optim.ema_decay' must be in (0, 1) or null, got {self.ema_decay}")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ConfigError(f"config key 'optim.grad_clip_norm' must be positive or null, got {self.grad_clip_norm}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +212,12 @@ class CheckpointConfig:
     async_save: bool = True
     resume: bool = True
 
+    def __post_init__(self):
+        _choice("checkpoint.best_mode", self.best_mode, ("min", "max"))
+        if self.every < 0 or self.keep_last < 1 or self.keep_best < 0:
+            raise ConfigError("config keys 'checkpoint.every' >= 0, 'checkpoint.keep_last' >= 1, "
+                              f"'checkpoint.keep_best' >= 0 required, got {self.every}, {self.keep_last}, {self.keep_best}")
+
 
 @dataclass(frozen=True)
 class LoggingConfig:
@@ -171,6 +226,9 @@ class LoggingConfig:
     every: int = 10
     tensorboard: bool = True
     progress: bool = True
+
+    def __post_init__(self):
+        _positive("logging.every", self.every)
 
 
 @dataclass(frozen=True)
@@ -183,6 +241,13 @@ class SampleConfig:
     guidance_scale: float = 3.0
     scheduler: str = "dpm++2m"
     seed: int = 0
+
+    def __post_init__(self):
+        _choice("sample.scheduler", self.scheduler, ("dpm++2m", "ddim", "euler"))
+        if self.every < 0:
+            raise ConfigError(f"config key 'sample.every' must be >= 0, got {self.every}")
+        _positive("sample.num_identities", self.num_identities)
+        _positive("sample.num_steps", self.num_steps)
 
 
 @dataclass(frozen=True)
@@ -216,6 +281,21 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        _choice("stage", self.stage, ("landmark", "emotion", "joint"))
+        _positive("steps", self.steps)
+
+    def validate(self) -> "TrainConfig":
+        """Checks across sections (run after all overrides): controls fit the stage, init_from the controls."""
+        expected = ("landmark", "emotion") if self.stage == "joint" else (self.stage,)
+        if tuple(sorted(self.model.controls)) != tuple(sorted(expected)):
+            raise ConfigError(f"config key 'model.controls' = {list(self.model.controls)} does not fit stage "
+                              f"{self.stage!r} (expected {list(expected)})")
+        unknown = sorted(set(self.model.init_from) - set(self.model.controls))
+        if unknown:
+            raise ConfigError(f"config key 'model.init_from' names control(s) {unknown} not in model.controls")
+        return self
 
 
 # ------------------------------------------------------------------------------------------- coercion
@@ -399,6 +479,8 @@ def from_dict(cls, d: Mapping[str, Any] | None, *, prefix: str = ""):
             kwargs[name] = _coerce(d[name], hints[name], f"{prefix}.{name}" if prefix else name)
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config section '{prefix or '<root>'}': {e}") from e
 
@@ -499,4 +581,5 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), cls=Trai
         cfg = from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    return apply_overrides(cfg, list(overrides))
+    cfg = apply_overrides(cfg, list(overrides))
+    return cfg.validate() if hasattr(cfg, "validate") else cfg

@@ -130,7 +130,7 @@ class Trainer:
         from .state import build_world, init_train_state, load_init_params, make_lr_schedule, make_optimizer
         from .step import make_train_step
 
-        self.cfg = cfg
+        self.cfg = cfg.validate()
         self.run_dir = Path(cfg.run_dir)
         self.primary = jax.process_index() == 0
         if cfg.steps <= 0:
