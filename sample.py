@@ -323,7 +323,11 @@ def embed_id_image(image_path: str, landmarker_path: str, arcface_path: str) -> 
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(f"--arcface: {e}") from None
     h, w = rgb.shape[:2]
-    with FaceLandmarker(landmarker_path) as lm:
+    try:
+        lm = FaceLandmarker(landmarker_path)
+    except Exception as e:  # MediaPipe raises RuntimeError for a file that is not a landmarker bundle
+        raise CLIError(f"--landmarker {landmarker_path}: cannot open as a MediaPipe face landmarker ({e})") from None
+    with lm:
         faces = lm.detect(rgb)
     if not faces:
         raise CLIError(f"--id-image {image_path}: no face found")
@@ -451,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             v["identity"].update(embedding=emb, face=info)
         meta = generate(v, args)
     except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         return 2
     print(f"wrote {len(meta['images'])} images, grid.png and samples.json to {v['out']} "
           f"(compile {meta['timing_s']['compile']:.1f}s, sampling {meta['timing_s']['sample']:.1f}s)")
