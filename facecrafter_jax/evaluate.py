@@ -20,7 +20,7 @@ and its images, or its immediate subfolders each do (e.g. one subfolder per iden
                                      "path": NPY} ([478, 3], x, y in [0, 1] of the aligned crop, as data_prep)
                                      or {"source": "image", "path": IMG} (landmarks detected on the photo and
                                      mapped into the FFHQ-style aligned crop at the generated image's size,
-                                     exactly as data_prep does; head pose from the photo);
+                                     exactly as data_prep does; head pose detected on that crop);
                                      optional "head_pose": [yaw, pitch, roll] degrees (pose target)
   controls.emotion                   {"name" | "index", "valence", "arousal"}: emotion targets
   images[i].identity / .controls     optional per-image overrides of the two entries above
@@ -30,8 +30,9 @@ Metrics (definitions with formulas in facecrafter_jax.metrics and docs/evaluatio
 targets and analysers are present are computed; the others are "-" in the table. Images in which the
 analysers find no face are counted (no_face) and left out of the averages; they never stop the run.
 
-Errors (missing folders, samples.json, images, model or target files, bad target shapes, unknown analyser
-backend) are reported as one line `error: ...` on stderr with exit status 2, before any model is loaded.
+Errors are one line `error: ...` on stderr with exit status 2: missing folders, samples.json, images,
+model or target files, bad target shapes or values, unknown analyser backend or option are found before any
+model is loaded; an identity / landmark target photo without a face stops the run the same way.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 ID_DIM = 512
+REFERENCE_POSE_SIDE = 256  # minimum side of the aligned crop on which a photo's pose target is detected
 EMOTION_CLASSES = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")  # records order
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm")
 
@@ -121,9 +123,9 @@ class RealAnalysers(Analysers):
     * ``emotion``: data_prep's 256x256 EmoNet crop (``emonet_crop_scale``) -> EmoNet (Flax port, official
       8-class checkpoint), softmax probabilities, valence and arousal clipped to [-1, 1];
     * ``reference_landmarks``: landmarks of a photo mapped into the FFHQ-style aligned crop of side ``size``
-      (data_prep.extract's transform, including its z scaling), and its head pose *in the crop's frame*
-      (the photo's rotation composed with the alignment's in-plane rotation, so roll is measured like on a
-      generated crop; data_prep's records keep the photo-frame pose).
+      (data_prep.extract's transform, including its z scaling), and the head pose detected *on that aligned
+      crop* (rendered at >= 256 px): MediaPipe's pose depends on the framing, so only a pose measured on the
+      same framing as the generated images is comparable (data_prep's records keep the photo's pose).
 
     Detections are cached per image content, so the three analyses of one image run MediaPipe once.
     """
@@ -246,26 +248,28 @@ class RealAnalysers(Analysers):
         return out[:, :8], out[:, 8], out[:, 9]
 
     def reference_landmarks(self, image, size):
-        from data_prep.align import ffhq_template, similarity_scale, transform_points, umeyama
+        from data_prep.align import ffhq_template, similarity_scale, transform_points, umeyama, warp_affine
         from data_prep.landmarks import five_points, head_pose_from_matrix
 
         face, w, h = self._face(image)
         if face is None:
             return None
         xy = face.pixel_xy(w, h)
-        m = umeyama(five_points(xy), ffhq_template(size))
+        kps = five_points(xy)
+        m = umeyama(kps, ffhq_template(size))
         lm = np.empty((M.NUM_LANDMARKS, 3), np.float64)
         lm[:, :2] = transform_points(m, xy) / size
         lm[:, 2] = face.landmarks[:, 2].astype(np.float64) * (w * similarity_scale(m) / size)
-        if not np.all(np.isfinite(face.matrix)):
+        # Head pose: MediaPipe's pose depends on where the face sits in the frame (perspective camera model),
+        # so the photo's own pose does not transfer to a crop (the astronaut: pitch 14.9 deg on the photo,
+        # 6.4 on her aligned crop). The target is the pose detected on the photo's aligned crop, at least
+        # REFERENCE_POSE_SIDE px so that detection does not suffer from tiny crops (same framing at any size).
+        side = max(size, REFERENCE_POSE_SIDE)
+        crop = warp_affine(np.ascontiguousarray(image), umeyama(kps, ffhq_template(side)), side)
+        cface, _, _ = self._face(crop)
+        if cface is None or not np.all(np.isfinite(cface.matrix)):
             return lm, np.full(3, np.nan)
-        # Head pose in the crop's frame: the alignment turns the image content by phi counter-clockwise
-        # (m is in y-down pixel coordinates, so its matrix angle a is clockwise on screen: phi = -a), i.e. a
-        # rotation about the camera z axis (towards the viewer) composed before the photo's head rotation.
-        u, _, vt = np.linalg.svd(np.asarray(face.matrix, np.float64)[:3, :3])
-        phi = -np.arctan2(m[1, 0], m[0, 0])
-        rz = np.array([[np.cos(phi), -np.sin(phi), 0.0], [np.sin(phi), np.cos(phi), 0.0], [0.0, 0.0, 1.0]])
-        return lm, head_pose_from_matrix(rz @ (u @ vt)).astype(np.float64)
+        return lm, head_pose_from_matrix(cface.matrix).astype(np.float64)
 
     def describe(self):
         d = super().describe()
@@ -914,7 +918,7 @@ def report_markdown(report: dict) -> str:
     lines.append("| set | " + " | ".join(keys) + " |")
     lines.append("|---|" + "|".join("---:" for _ in keys) + "|")
     for s in sets:
-        lines.append(f"| {s['name']} | " + " | ".join(_fmt(s["metrics"].get(k)) for k in keys) + " |")
+        lines.append(f"| {s['name'].replace('|', '/')} | " + " | ".join(_fmt(s["metrics"].get(k)) for k in keys) + " |")
     lines += ["", "Columns (higher / lower = better):", ""]
     for k in keys:
         desc, better = METRIC_COLUMNS[k]
