@@ -56,15 +56,19 @@ class Reference:
         self.lmk = FaceLandmarker(landmarker)
         self.ort = ort.InferenceSession(arcface, providers=["CPUExecutionProvider"])
         self.emonet = emonet_ref
+        self._extracted = {}
 
     def close(self):
         self.fx.close()
         self.lmk.close()
 
     def extract(self, path):
-        r = self.fx(str(path.parent), path.name)
-        assert r["status"] == "ok", r
-        return r
+        key = str(path)
+        if key not in self._extracted:
+            r = self.fx(str(path.parent), path.name)
+            assert r["status"] == "ok", r
+            self._extracted[key] = r
+        return self._extracted[key]
 
     def arcface(self, path):
         crop = self.extract(path)["arcface_crop"].astype(np.float32)
@@ -438,6 +442,9 @@ def test_input_errors(tmp_path, capsys, shared_models):
     bad_onnx = tmp_path / "bad.onnx"
     bad_onnx.write_bytes(b"not a model")
     assert "ArcFace" in _error(capsys, ["--samples", str(ok), "--arcface", str(bad_onnx)] + out + lm)
+    bad_pth = tmp_path / "bad.pth"
+    bad_pth.write_bytes(b"not a checkpoint")
+    assert "--emonet" in _error(capsys, ["--samples", str(ok), "--emonet", str(bad_pth)] + out + lm)
     assert "unknown backend" in _error(capsys, ["--samples", str(ok), "--analysers", "nope"] + out)
     assert "cannot import" in _error(capsys, ["--samples", str(ok), "--analysers", "no_such_mod:f"] + out)
     assert "KEY=VALUE" in _error(capsys, ["--samples", str(ok), "--analyser-option", "x"] + out + lm)
