@@ -49,7 +49,8 @@ from facecrafter_jax import schedulers as S
 from facecrafter_jax import tokens as _tokens
 
 __all__ = [
-    "SCHEDULERS", "Arc2FacePipeline", "SampleOutput", "combine_guidance", "concat_conditions",
+    "NULL_CONTROL_MODES", "SCHEDULERS", "Arc2FacePipeline", "FaceCrafterPipeline", "emotion_table", "emotion_vector",
+    "guidance_branches", "SampleOutput", "combine_guidance", "concat_conditions",
     "guided_denoiser", "initial_noise", "make_plan", "sample_latents", "to_uint8",
 ]
 
@@ -351,6 +352,22 @@ class Arc2FacePipeline:
             raise ValueError("this pipeline has no VAE: use output_type='latent'")
         return decode
 
+    def _noise(self, batch: int, latents, seed: int, first_index: int, height: int | None,
+               width: int | None) -> jax.Array:
+        """The starting noise: explicit ``latents`` (checked) or :func:`initial_noise` of ``seed``."""
+        if latents is None:
+            return initial_noise(seed, batch, self.latent_shape(height, width), first_index=first_index)
+        noise = jnp.asarray(latents, jnp.float32)
+        if noise.ndim != 4 or noise.shape[0] != batch or noise.shape[-1] != self.unet.config.in_channels:
+            raise ValueError(f"latents must be NHWC [{batch}, h, w, {self.unet.config.in_channels}], "
+                             f"got shape {tuple(noise.shape)}")
+        self.latent_shape(noise.shape[1] * self.vae_scale_factor, noise.shape[2] * self.vae_scale_factor)
+        if height is not None or width is not None:
+            want = self.latent_shape(height, width)
+            if want != tuple(noise.shape[1:]):
+                raise ValueError(f"latents shape {tuple(noise.shape[1:])} does not match height/width {height}x{width}")
+        return noise
+
     # -- sampling ---------------------------------------------------------------------------------------
     def __call__(self, arcface_embeddings, *, num_steps: int = 25, guidance_scale: float = 3.0,
                  scheduler: str | None = None, seed: int = 0, first_index: int = 0, latents=None,
@@ -383,18 +400,7 @@ class Arc2FacePipeline:
             raise ValueError("arcface_embeddings contain NaN or Inf")
         batch = arcface.shape[0]
         decode = self._decode_flag(output_type)
-        if latents is not None:
-            noise = jnp.asarray(latents, jnp.float32)
-            if noise.ndim != 4 or noise.shape[0] != batch or noise.shape[-1] != self.unet.config.in_channels:
-                raise ValueError(f"latents must be NHWC [{batch}, h, w, {self.unet.config.in_channels}], "
-                                 f"got shape {tuple(noise.shape)}")
-            self.latent_shape(noise.shape[1] * self.vae_scale_factor, noise.shape[2] * self.vae_scale_factor)
-            if height is not None or width is not None:
-                want = self.latent_shape(height, width)
-                if want != tuple(noise.shape[1:]):
-                    raise ValueError(f"latents shape {tuple(noise.shape[1:])} does not match height/width {height}x{width}")
-        else:
-            noise = initial_noise(seed, batch, self.latent_shape(height, width), first_index=first_index)
+        noise = self._noise(batch, latents, seed, first_index, height, width)
         plan = make_plan(scheduler or self.scheduler, num_steps, self.scheduler_config)
         if plan.stochastic:
             raise ValueError("stochastic samplers are not supported by the pipeline (use eta = 0 / dpmsolver++)")
@@ -404,6 +410,338 @@ class Arc2FacePipeline:
         program = self._program(arcface, noise, plan, scales, use_uncond, decode)
         out_latents, images = program(self._states["unet"], self._states["text_encoder"], self._states.get("vae"),
                                       arcface, noise, plan, scales)
+        out_latents = np.asarray(out_latents)
+        if images is not None:
+            images = np.asarray(images)
+            if output_type == "uint8":
+                images = to_uint8(images)
+        return SampleOutput(images=images, latents=out_latents, noise=np.asarray(noise))
+
+
+# ----------------------------------------------------------------------------------------------------
+# FaceCrafter: identity + landmark / emotion controls
+# ----------------------------------------------------------------------------------------------------
+NULL_CONTROL_MODES = ("auto", "tokens", "off")
+"""How the unconditional branch treats the control modules (see :class:`FaceCrafterPipeline`)."""
+
+
+def emotion_table() -> dict[str, tuple[float, float]]:
+    """``{class name: (valence, arousal)}`` for the 8 EmoNet classes, in ``EMOTION_CLASSES`` order.
+
+    The values are the toy world's circumplex table (:data:`facecrafter_jax.toy.world.VALENCE_AROUSAL`:
+    Russell's circumplex / AffectNet class means, rounded), so sampling, the toy world and evaluation use
+    one table.
+    """
+    from facecrafter_jax.data.records import EMOTION_CLASSES
+    from facecrafter_jax.toy.world import VALENCE_AROUSAL
+
+    return {name: (float(v), float(a)) for name, (v, a) in zip(EMOTION_CLASSES, VALENCE_AROUSAL)}
+
+
+def emotion_vector(emotion: str | int | None = None, valence: float | None = None,
+                   arousal: float | None = None) -> tuple[np.ndarray, dict]:
+    """The emotion condition ``[10]`` (8 class probabilities, valence, arousal) for a target emotion.
+
+    * ``emotion`` (a class name of ``EMOTION_CLASSES`` or its index): a one-hot probability vector, with
+      that class's (valence, arousal) from :func:`emotion_table` unless ``valence`` / ``arousal`` are
+      given (they override, both together).
+    * only ``valence`` and ``arousal``: the class is the nearest one on the circumplex (Euclidean distance
+      to the table; ties to the lower index), one-hot, with the given valence / arousal.
+
+    Valence and arousal must be in [-1, 1]. Returns ``(vector float32 [10], description)`` where the
+    description holds ``name``, ``index``, ``valence``, ``arousal`` and ``class_from`` ("name" or
+    "nearest valence/arousal") for ``samples.json``.
+    """
+    from facecrafter_jax.data.records import EMOTION_CLASSES
+
+    table = emotion_table()
+    if (valence is None) != (arousal is None):
+        raise ValueError("valence and arousal go together: give both or neither")
+    for what, v in (("valence", valence), ("arousal", arousal)):
+        if v is not None and (not np.isfinite(v) or not -1.0 <= float(v) <= 1.0):
+            raise ValueError(f"{what} {v} must be in [-1, 1]")
+    if emotion is None and valence is None:
+        raise ValueError("give an emotion class, or valence and arousal")
+    if emotion is not None:
+        if isinstance(emotion, (int, np.integer)) and not isinstance(emotion, bool):
+            if not 0 <= int(emotion) < len(EMOTION_CLASSES):
+                raise ValueError(f"emotion index {emotion} out of range 0..{len(EMOTION_CLASSES) - 1}")
+            index = int(emotion)
+        elif isinstance(emotion, str) and emotion.lower() in EMOTION_CLASSES:
+            index = EMOTION_CLASSES.index(emotion.lower())
+        else:
+            raise ValueError(f"unknown emotion {emotion!r}; choose one of {', '.join(EMOTION_CLASSES)}")
+        class_from = "name"
+        if valence is None:
+            valence, arousal = table[EMOTION_CLASSES[index]]
+    else:
+        va = np.asarray([table[n] for n in EMOTION_CLASSES], np.float64)
+        index = int(np.argmin(np.sum((va - np.asarray([valence, arousal], np.float64)) ** 2, axis=1)))
+        class_from = "nearest valence/arousal"
+    vec = np.zeros(len(EMOTION_CLASSES) + 2, np.float32)
+    vec[index] = 1.0
+    vec[-2:] = (valence, arousal)
+    desc = {"name": EMOTION_CLASSES[index], "index": index, "valence": float(valence), "arousal": float(arousal),
+            "class_from": class_from}
+    return vec, desc
+
+
+def guidance_branches(guidance_id: float, guidance_control: float, has_controls: bool) -> tuple[tuple[int, ...], list[float]]:
+    """Which of the branches ``0 = null, 1 = id, 2 = id + controls`` the chain
+    ``e0 + g_id (e1 - e0) + g_ctl (e2 - e1)`` needs, and the chain scales over the kept branches.
+
+    A branch whose coefficient is exactly 0 is dropped (algebraically the same result, less UNet work):
+    ``g_id == 1`` drops e0, ``g_ctl == 0`` (or no controls) drops e2, ``g_id == g_ctl`` drops e1
+    (``e0 + g (e2 - e0)``, standard CFG on the full condition).
+    """
+    g1, g2 = float(guidance_id), float(guidance_control)
+    need2 = has_controls and g2 != 0.0
+    coef = {0: 1.0 - g1, 1: (g1 - g2) if need2 else g1, 2: g2 if need2 else 0.0}
+    branches = tuple(k for k in (0, 1, 2) if coef[k] != 0.0)
+    if not branches:  # e.g. g_id = 0 and no controls: eps = e0
+        branches = (0,)
+    scales = [g1 if k == 1 else g2 for k in branches[1:]]
+    return branches, scales
+
+
+def _facecrafter_program(model_def, text_def, vae_def, branches: tuple[int, ...], run: tuple[str, ...],
+                         null_tokens: bool, decode: bool, model_state, text_state, vae_state, arcface, inputs,
+                         weights, noise, plan, scales):
+    """The jitted body of :class:`FaceCrafterPipeline` (static: graphdefs, branches, controls run, null mode)."""
+    model = nnx.merge(model_def, model_state)
+    text_encoder = nnx.merge(text_def, text_state)
+    context = text_encoder.encode_id(arcface)  # [B, 77, D]
+    empty = text_encoder.encode_ids(np.asarray(_tokens.EMPTY_PROMPT_IDS)[None])  # [1, 77, D]
+    unet = model.unet if run else getattr(model, "unet", model)
+
+    null = {}
+    given = {}
+    for name in run:
+        enc = model.encoder(name)
+        zero = jnp.zeros((1,) + ((_NUM_LANDMARKS, 3) if name == "landmark" else (_EMOTION_DIM,)), jnp.float32)
+        null[name] = enc(zero)  # [1, N, D]: the learned null tokens (training's null condition)
+        if name in inputs:
+            given[name] = enc(inputs[name])  # [B, N, D]
+
+    def cond(branch: int):
+        c = {"ctx": empty if branch == 0 else context}
+        if run:
+            toks, w = {}, {}
+            for name in run:
+                if branch == 2 and name in given:
+                    toks[name], w[name] = given[name], weights[name]
+                else:
+                    on = branch == 0 and null_tokens
+                    toks[name], w[name] = null[name], jnp.full((1,), 1.0 if on else 0.0, jnp.float32)
+            c["tokens"], c["weight"] = toks, w
+        return c
+
+    def model_fn(x, t, c):
+        controls = {n: (c["tokens"][n], None, c["weight"][n]) for n in run} if run else None
+        return unet(x, t, c["ctx"], controls=controls)
+
+    latents = sample_latents(model_fn, plan, noise, [cond(b) for b in branches], scales)
+    if not decode:
+        return latents, None
+    vae = nnx.merge(vae_def, vae_state)
+    images = jnp.clip(vae.decode(latents) / 2.0 + 0.5, 0.0, 1.0)
+    return latents, images
+
+
+_NUM_LANDMARKS = 478
+_EMOTION_DIM = 10
+
+
+class FaceCrafterPipeline(Arc2FacePipeline):
+    """Identity (ArcFace) + optional landmark / emotion controls -> face images with FaceCrafter.
+
+    Args:
+        model: a :class:`~facecrafter_jax.models.facecrafter.FaceCrafter` (the Arc2Face UNet with control
+            adapters and token encoders, e.g. ``load_pretrained(dir, components=(..., "adapters")).adapters``),
+            or a plain UNet (then only ID-only sampling is possible).
+        text_encoder, vae, scheduler, scheduler_config: as :class:`Arc2FacePipeline`.
+
+    Guidance (one model call per step, branches concatenated on the batch axis)::
+
+        eps = e(null) + g_id (e(id) - e(null)) + g_ctl (e(id + controls) - e(id))
+
+    * ``id``: the Arc2Face identity context with every control branch switched off (mask 0): exactly
+      the base Arc2Face prediction.
+    * ``id + controls``: the same context plus the given controls at scale ``lambda_c``
+      (``landmark_scale`` / ``emotion_scale``); a control not given stays off.
+    * ``null``: the empty-prompt context, and the controls per ``null_controls``: ``"tokens"`` runs
+      every control branch of the model on its learned null tokens (the all-zero raw input, weight 1:
+      the ``all_null`` setup training uses for the unconditional side, ``docs/method.md``); ``"off"``
+      switches them off (Arc2Face's unconditional branch); ``"auto"`` (default) is ``"tokens"`` when a
+      control is given and ``"off"`` otherwise, so a call without controls is exactly
+      :class:`Arc2FacePipeline` (it runs the same compiled program).
+
+    Branches with a zero coefficient are not computed (:func:`guidance_branches`); ``guidance_control``
+    defaults to ``guidance_id`` (then ``eps = e(null) + g (e(id + controls) - e(null))``: 2 branches).
+    Programs are compiled per (batch, size, steps, sampler, branches, controls given, null mode, decode);
+    the guidance values, the control inputs, the scales and the weights are traced arguments.
+    """
+
+    def __init__(self, model: nnx.Module, text_encoder: nnx.Module, vae: nnx.Module | None = None, *,
+                 scheduler: str = "dpm++2m", scheduler_config: dict | None = None):
+        unet = getattr(model, "unet", model)
+        super().__init__(unet, text_encoder, vae, scheduler=scheduler, scheduler_config=scheduler_config)
+        self.model = model
+        self.controls: tuple[str, ...] = tuple(getattr(model, "controls", ()) or ())
+        self._defs["model"], self._states["model"] = nnx.split(model)
+
+    # -- inputs -----------------------------------------------------------------------------------------
+    def _control_input(self, name: str, value, batch: int) -> jax.Array | None:
+        if value is None:
+            return None
+        if name not in self.controls:
+            have = f"controls: {list(self.controls)}" if self.controls else "no control modules"
+            raise ValueError(f"{name} given but this model has no {name} module ({have})")
+        x = jnp.asarray(value, jnp.float32)
+        tail = (_NUM_LANDMARKS, 3) if name == "landmark" else (_EMOTION_DIM,)
+        if x.shape == tail:
+            x = x[None]
+        if x.ndim != len(tail) + 1 or x.shape[1:] != tail or x.shape[0] not in (1, batch):
+            want = f"[{', '.join(map(str, tail))}] or [{batch}, {', '.join(map(str, tail))}]"
+            raise ValueError(f"{'landmarks' if name == 'landmark' else 'emotion'} must be {want}, got shape {tuple(x.shape)}")
+        if not bool(jnp.all(jnp.isfinite(x))):
+            raise ValueError(f"{'landmarks' if name == 'landmark' else 'emotion'} contain NaN or Inf")
+        return jnp.broadcast_to(x, (batch,) + tail)
+
+    @staticmethod
+    def _scale(name: str, value, batch: int) -> jax.Array:
+        s = jnp.asarray(value, jnp.float32)
+        if s.ndim == 0:
+            s = jnp.full((batch,), s)
+        if s.shape != (batch,):
+            raise ValueError(f"{name}_scale must be a number or [{batch}], got shape {tuple(s.shape)}")
+        if not bool(jnp.all(jnp.isfinite(s))):
+            raise ValueError(f"{name}_scale contains NaN or Inf")
+        return s
+
+    def _fc_program(self, arcface, inputs, weights, noise, plan, scales, branches, run, null_tokens, decode):
+        key = ("facecrafter", arcface.shape, str(arcface.dtype), noise.shape, jax.tree.structure(plan),
+               tuple(sorted(inputs)), branches, run, null_tokens, decode)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            fn = functools.partial(_facecrafter_program, self._defs["model"], self._defs["text_encoder"],
+                                   self._defs.get("vae"), branches, run, null_tokens, decode)
+            t0 = time.perf_counter()
+            compiled = jax.jit(fn).lower(self._states["model"], self._states["text_encoder"], self._states.get("vae"),
+                                         arcface, inputs, weights, noise, plan, scales).compile()
+            self.compile_log.append({"batch": int(arcface.shape[0]), "latent_shape": tuple(noise.shape[1:]),
+                                     "plan": type(plan).__name__, "num_steps": plan.num_steps, "branches": branches,
+                                     "controls": run, "given": tuple(sorted(inputs)), "null_tokens": null_tokens,
+                                     "decode": decode, "seconds": time.perf_counter() - t0})
+            self._compiled[key] = compiled
+        return compiled
+
+    def _setup(self, arcface, landmarks, emotion, guidance_id, guidance_control, landmark_scale, emotion_scale,
+               null_controls):
+        arcface = jnp.asarray(arcface, jnp.float32)
+        if arcface.ndim != 2:
+            raise ValueError(f"arcface_embeddings must be [batch, dim], got shape {tuple(arcface.shape)}")
+        batch = arcface.shape[0]
+        if null_controls not in NULL_CONTROL_MODES:
+            raise ValueError(f"null_controls must be one of {NULL_CONTROL_MODES}, got {null_controls!r}")
+        inputs = {n: v for n, v in (("landmark", self._control_input("landmark", landmarks, batch)),
+                                    ("emotion", self._control_input("emotion", emotion, batch))) if v is not None}
+        if null_controls == "tokens" and not self.controls:
+            raise ValueError("null_controls='tokens' needs a model with control modules")
+        null_tokens = null_controls == "tokens" or (null_controls == "auto" and bool(inputs))
+        g1 = float(guidance_id)
+        g2 = g1 if guidance_control is None else float(guidance_control)
+        if not (np.isfinite(g1) and np.isfinite(g2)):
+            raise ValueError(f"guidance scales must be finite, got {g1}, {g2}")
+        branches, chain = guidance_branches(g1, g2, bool(inputs))
+        # control branches the model call runs: all of the model's when the null branch uses null tokens,
+        # else only the given ones (none at all: the plain UNet, Arc2Face's program)
+        if null_tokens and 0 in branches:
+            run = self.controls
+        else:
+            run = tuple(n for n in self.controls if n in inputs and 2 in branches)
+        scales_in = {"landmark": landmark_scale, "emotion": emotion_scale}
+        weights = {n: self._scale(n, scales_in[n], batch) for n in inputs}  # validated even when unused
+        # inputs of a branch that is not computed (g_ctl = 0) are dropped: same program as ID-only
+        inputs = {n: v for n, v in inputs.items() if n in run and 2 in branches}
+        weights = {n: w for n, w in weights.items() if n in inputs}
+        return arcface, inputs, weights, branches, jnp.asarray(chain, jnp.float32), run, null_tokens, g1, g2
+
+    def compile(self, batch: int, *, num_steps: int = 25, scheduler: str | None = None, guidance_id: float = 3.0,
+                guidance_control: float | None = None, controls: Sequence[str] = (), null_controls: str = "auto",
+                height: int | None = None, width: int | None = None, output_type: str = "uint8",
+                id_dim: int = 512, guidance_scale: float | None = None) -> float:
+        """Compile ahead of time for these settings (``controls``: the names that will be given, e.g.
+        ``("landmark", "emotion")``); returns the compile time in seconds (0.0 if already compiled)."""
+        if guidance_scale is not None:
+            guidance_id = guidance_scale
+        n = len(self.compile_log)
+        unknown = [c for c in controls if c not in ("landmark", "emotion")]
+        if unknown:
+            raise ValueError(f"unknown control(s) {unknown}")
+        lmk = np.zeros((batch, _NUM_LANDMARKS, 3), np.float32) if "landmark" in controls else None
+        emo = np.zeros((batch, _EMOTION_DIM), np.float32) if "emotion" in controls else None
+        arcface, inputs, weights, branches, chain, run, null_tokens, g1, _ = self._setup(
+            np.zeros((batch, id_dim), np.float32), lmk, emo, guidance_id, guidance_control, 1.0, 1.0, null_controls)
+        noise = jnp.zeros((batch,) + self.latent_shape(height, width), jnp.float32)
+        plan = make_plan(scheduler or self.scheduler, num_steps, self.scheduler_config)
+        decode = self._decode_flag(output_type)
+        if not run:  # no control branch runs: Arc2Face's program (see __call__)
+            use_uncond = g1 != 1.0
+            self._program(arcface, noise, plan, jnp.asarray([g1] if use_uncond else [], jnp.float32), use_uncond, decode)
+            return self.compile_log[-1]["seconds"] if len(self.compile_log) > n else 0.0
+        self._fc_program(arcface, inputs, weights, noise, plan, chain, branches, run, null_tokens, decode)
+        return self.compile_log[-1]["seconds"] if len(self.compile_log) > n else 0.0
+
+    # -- sampling ---------------------------------------------------------------------------------------
+    def __call__(self, arcface_embeddings, *, landmarks=None, emotion=None, guidance_id: float = 3.0,
+                 guidance_control: float | None = None, landmark_scale=1.0, emotion_scale=1.0,
+                 null_controls: str = "auto", num_steps: int = 25, scheduler: str | None = None, seed: int = 0,
+                 first_index: int = 0, latents=None, height: int | None = None, width: int | None = None,
+                 output_type: str = "uint8", guidance_scale: float | None = None) -> SampleOutput:
+        """Sample one image per identity embedding, with optional landmark / emotion targets.
+
+        Args:
+            arcface_embeddings: ``[B, d]`` ArcFace vectors (L2-normalised inside).
+            landmarks: ``[478, 3]`` (shared) or ``[B, 478, 3]`` MediaPipe landmarks in the aligned crop's frame
+                (x, y in [0, 1], z relative depth), as data_prep stores them; None: no landmark control.
+            emotion: ``[10]`` or ``[B, 10]`` (8 class probabilities, valence, arousal; see
+                :func:`emotion_vector`); None: no emotion control.
+            guidance_id: ``g_id``, identity against the null branch (Arc2Face: 3.0).
+            guidance_control: ``g_ctl``, controls on top of the identity (default: ``guidance_id``).
+            landmark_scale, emotion_scale: ``lambda_c`` of the decoupled attention, a number or ``[B]``.
+            null_controls: ``"auto"``, ``"tokens"`` or ``"off"`` (see the class docstring).
+            guidance_scale: alias of ``guidance_id`` (the :class:`Arc2FacePipeline` name).
+            The others: as :meth:`Arc2FacePipeline.__call__`.
+
+        Returns:
+            :class:`SampleOutput`.
+        """
+        if guidance_scale is not None:
+            guidance_id = guidance_scale
+        arcface, inputs, weights, branches, chain, run, null_tokens, g1, g2 = self._setup(
+            arcface_embeddings, landmarks, emotion, guidance_id, guidance_control, landmark_scale, emotion_scale,
+            null_controls)
+        if not run:
+            # no control branch runs (no controls, or g_ctl = 0 with null_controls off): exactly Arc2Face,
+            # e0 + g_id (e1 - e0), with its compiled program
+            return super().__call__(arcface, num_steps=num_steps, guidance_scale=g1, scheduler=scheduler, seed=seed,
+                                    first_index=first_index, latents=latents, height=height, width=width,
+                                    output_type=output_type)
+        if arcface.shape[1] > self.text_encoder.config.hidden_size:
+            raise ValueError(f"identity dimension {arcface.shape[1]} exceeds the text encoder width "
+                             f"{self.text_encoder.config.hidden_size}")
+        if not bool(jnp.all(jnp.isfinite(arcface))):
+            raise ValueError("arcface_embeddings contain NaN or Inf")
+        batch = arcface.shape[0]
+        decode = self._decode_flag(output_type)
+        noise = self._noise(batch, latents, seed, first_index, height, width)
+        plan = make_plan(scheduler or self.scheduler, num_steps, self.scheduler_config)
+        if plan.stochastic:
+            raise ValueError("stochastic samplers are not supported by the pipeline (use eta = 0 / dpmsolver++)")
+        program = self._fc_program(arcface, inputs, weights, noise, plan, chain, branches, run, null_tokens, decode)
+        out_latents, images = program(self._states["model"], self._states["text_encoder"], self._states.get("vae"),
+                                      arcface, inputs, weights, noise, plan, chain)
         out_latents = np.asarray(out_latents)
         if images is not None:
             images = np.asarray(images)

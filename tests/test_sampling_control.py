@@ -1,0 +1,266 @@
+"""FaceCrafterPipeline: identity + landmark / emotion controls with the two-scale guidance chain.
+
+A tiny random Arc2Face (UNet / CLIP / VAE) converted to ours, plus random FaceCrafter adapters (built with
+the control modules' API, then perturbed away from the copy initialisation so the controls matter), saved
+as a checkpoint with the ``adapters`` component and exported to diffusers (``to-diffusers``).
+
+* no controls / masks off / ``g_ctl = 0`` with the null branch off: exactly :class:`Arc2FacePipeline`;
+* the chain ``e(null) + g_id (e(id) - e(null)) + g_ctl (e(id+ctl) - e(id))`` with controls equals a
+  PyTorch reference: diffusers' UNet with the exported FaceCrafter processors, the three branches as
+  three separate calls, combined by hand, stepped with diffusers' DDIMScheduler (4 steps);
+* changing the landmarks / emotion changes the output (no recompilation); ``g_ctl = 0`` is the ID-only
+  result with the same null branch.
+"""
+
+import numpy as np
+import pytest
+import torch
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from facecrafter_jax import schedulers as S
+from facecrafter_jax import tokens
+from facecrafter_jax.convert.cli import main as convert_main
+from facecrafter_jax.models.control import AdapterParam
+from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
+from facecrafter_jax.pretrained import load_pretrained, save_pretrained
+from facecrafter_jax.sampling import (Arc2FacePipeline, FaceCrafterPipeline, emotion_table, emotion_vector,
+                                      guidance_branches)
+from tiny_models import arc2face_context_torch, save_tiny_arc2face
+
+ID_DIM = 48  # < the tiny CLIP width 64
+BATCH = 2
+STEPS = 4
+SMALL = FaceCrafterConfig(landmark_tokens=3, emotion_tokens=2, landmark_hidden_dim=32, emotion_hidden_dim=16)
+LATENT_REL_TOL = 1e-5
+
+
+def perturb_adapters(model, seed, std=0.1):
+    state = nnx.state(model, AdapterParam)
+    key = jax.random.key(seed)
+    for i, (_, var) in enumerate(nnx.to_flat_state(state)):
+        v = var.get_value()
+        var.set_value(v + std * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
+    nnx.update(model, state)
+
+
+def rel_err(ours, ref):
+    return float(np.abs(ours - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # OpenMP busy-waiting on the shared 2-core machine (see test_sampling.py)
+    root = tmp_path_factory.mktemp("fc_sampling")
+    tm = save_tiny_arc2face(root / "torch")
+    assert convert_main(["from-diffusers", "--unet", str(root / "torch/unet"), "--text-encoder",
+                         str(root / "torch/text_encoder"), "--vae", str(root / "torch/vae"),
+                         "--out", str(root / "base")]) == 0
+    m = load_pretrained(str(root / "base"))
+    model = FaceCrafter(m.unet, SMALL, rngs=nnx.Rngs(1))
+    perturb_adapters(model, 2)
+    save_pretrained(str(root / "fc"), unet=model.unet, text_encoder=m.text_encoder, vae=m.vae, adapters=model)
+    assert convert_main(["to-diffusers", str(root / "fc"), str(root / "export")]) == 0
+
+    fc = load_pretrained(str(root / "fc"), components=("unet", "text_encoder", "vae", "adapters"))
+    pipe = FaceCrafterPipeline(fc.adapters, fc.text_encoder, fc.vae, scheduler="ddim")
+    plain = load_pretrained(str(root / "fc"))  # the frozen components alone: a plain Arc2Face
+    assert plain.unet.control_names == ()
+    arc2face = Arc2FacePipeline(plain.unet, plain.text_encoder, plain.vae, scheduler="ddim")
+
+    rng = np.random.default_rng(0)
+    arc = (2.0 * rng.standard_normal((BATCH, ID_DIM))).astype(np.float32)
+    lmk = rng.uniform(0.2, 0.8, size=(BATCH, 478, 3)).astype(np.float32)
+    lmk[..., 2] -= 0.5
+    emo = np.stack([emotion_vector("happy")[0], emotion_vector("anger")[0]])
+    noise = rng.standard_normal((BATCH, 16, 16, 4)).astype(np.float32)
+    yield dict(root=root, tm=tm, pipe=pipe, arc2face=arc2face, arc=arc, lmk=lmk, emo=emo, noise=noise)
+    torch.set_num_threads(threads)
+
+
+def run(env, **kw):
+    kw.setdefault("latents", env["noise"])
+    return env["pipe"](env["arc"], num_steps=STEPS, output_type="latent", **kw).latents
+
+
+@pytest.fixture(scope="module")
+def id_only(env):
+    return env["arc2face"](env["arc"], num_steps=STEPS, latents=env["noise"], output_type="latent").latents
+
+
+# ------------------------------------------------------------------------------------------------
+# ID-only == Arc2Face
+# ------------------------------------------------------------------------------------------------
+def test_no_controls_is_arc2face(env, id_only):
+    np.testing.assert_array_equal(run(env), id_only)
+    # g_ctl = 0 with the null branch off: the control inputs are ignored, Arc2Face's chain e0 + g (e1 - e0)
+    np.testing.assert_array_equal(run(env, landmarks=env["lmk"], emotion=env["emo"], guidance_control=0.0,
+                                      null_controls="off"), id_only)
+
+
+def test_masks_off_is_arc2face(env, id_only):
+    """Control branches computed (3 branches, one model call) but weighted 0: equals Arc2Face."""
+    n = len(env["pipe"].compile_log)
+    out = run(env, landmarks=env["lmk"], emotion=env["emo"], guidance_control=2.0, landmark_scale=0.0,
+              emotion_scale=0.0, null_controls="off")
+    assert len(env["pipe"].compile_log) == n + 1 and env["pipe"].compile_log[-1]["branches"] == (0, 1, 2)
+    assert rel_err(out, id_only) <= LATENT_REL_TOL  # batch 6 vs 4: float reassociation only (measured 0)
+
+
+def test_null_tokens_change_the_unconditional_branch_and_g_ctl_zero_is_id_only(env, id_only):
+    lmk, emo = env["lmk"], env["emo"]
+    n = len(env["pipe"].compile_log)
+    id_tokens = run(env, null_controls="tokens")  # ID-only with training's null branch (null tokens on)
+    assert np.abs(id_tokens - id_only).max() > 1e-2  # the learned null tokens matter
+    # g_ctl = 0: the ID-only result with the same null branch (auto = tokens when controls are given)
+    np.testing.assert_array_equal(run(env, landmarks=lmk, emotion=emo, guidance_control=0.0), id_tokens)
+    np.testing.assert_array_equal(run(env, landmarks=lmk, guidance_control=0.0, null_controls="tokens"), id_tokens)
+    assert len(env["pipe"].compile_log) == n + 1  # one program for the three calls
+
+
+# ------------------------------------------------------------------------------------------------
+# The guidance chain against PyTorch (diffusers UNet + exported FaceCrafter processors + DDIMScheduler)
+# ------------------------------------------------------------------------------------------------
+def torch_chain(env, g_id, g_ctl, *, landmarks=None, emotion=None, scales=None, null_tokens=True):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from facecrafter_jax import torch_facecrafter as tfc
+
+    root, tm = env["root"], env["tm"]
+    unet = UNet2DConditionModel.from_pretrained(str(root / "export/unet")).eval()
+    enc = tfc.load_facecrafter_adapters(unet, str(root / "export"))
+    B = BATCH
+    arc = torch.from_numpy(env["arc"])
+    ctx = arc2face_context_torch(tm["text_encoder"], arc / arc.norm(dim=1, keepdim=True))
+    with torch.no_grad():
+        empty = tm["text_encoder"](torch.from_numpy(tokens.EMPTY_PROMPT_IDS[None].astype(np.int64))).last_hidden_state
+        empty = empty.repeat(B, 1, 1)
+        zl, ze = torch.zeros(B, 478, 3), torch.zeros(B, 10)
+        off = {"landmark": torch.zeros(B), "emotion": torch.zeros(B)}
+        on = torch.ones(B) if null_tokens else torch.zeros(B)
+        c0 = tfc.encode_controls(enc, landmarks=zl, emotion=ze, masks={"landmark": on, "emotion": on})
+        c1 = tfc.encode_controls(enc, landmarks=zl, emotion=ze, masks=off)
+        scales = scales or {}
+        c2 = tfc.encode_controls(
+            enc, landmarks=zl if landmarks is None else torch.from_numpy(landmarks),
+            emotion=ze if emotion is None else torch.from_numpy(emotion),
+            masks={"landmark": torch.full((B,), float(landmarks is not None)),
+                   "emotion": torch.full((B,), float(emotion is not None))},
+            scales={k: torch.as_tensor(v, dtype=torch.float32) for k, v in scales.items()})
+        sched = DDIMScheduler.from_config(S.SD15_SCHEDULER_CONFIG)
+        sched.set_timesteps(STEPS)
+        lat = torch.from_numpy(env["noise"].transpose(0, 3, 1, 2).copy()) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            e = [unet(lat, t, c, cross_attention_kwargs={"controls": k}).sample
+                 for c, k in ((empty, c0), (ctx, c1), (ctx, c2))]
+            eps = e[0] + g_id * (e[1] - e[0]) + g_ctl * (e[2] - e[1])
+            lat = sched.step(eps, t, lat).prev_sample
+    return lat.numpy().transpose(0, 2, 3, 1)
+
+
+def test_chain_with_controls_matches_pytorch(env):
+    lmk, emo = env["lmk"], env["emo"]
+    scales = {"landmark": np.array([1.0, 0.6], np.float32), "emotion": np.array([1.3, 0.8], np.float32)}
+    ours = run(env, landmarks=lmk, emotion=emo, guidance_id=3.0, guidance_control=1.7,
+               landmark_scale=scales["landmark"], emotion_scale=scales["emotion"])
+    assert env["pipe"].compile_log[-1]["branches"] == (0, 1, 2)
+    ref = torch_chain(env, 3.0, 1.7, landmarks=lmk, emotion=emo, scales=scales)
+    err = rel_err(ours, ref)
+    print(f"chain with controls vs PyTorch: rel err {err:.2e} (max |latent| {np.abs(ref).max():.1f})")
+    assert err <= LATENT_REL_TOL
+    assert np.abs(ref - run(env)).max() > 1e-2  # the controls change the result
+
+    # default g_ctl = g_id: two branches (e0 + g (e2 - e0)), landmark only, same numbers as the chain
+    ours2 = run(env, landmarks=lmk, guidance_id=2.5)
+    assert env["pipe"].compile_log[-1]["branches"] == (0, 2)
+    ref2 = torch_chain(env, 2.5, 2.5, landmarks=lmk)
+    assert rel_err(ours2, ref2) <= LATENT_REL_TOL
+
+
+def test_changing_controls_changes_output_without_recompiling(env):
+    lmk, emo = env["lmk"], env["emo"]
+    base = run(env, landmarks=lmk, emotion=emo, guidance_control=1.7)
+    n = len(env["pipe"].compile_log)
+    moved = lmk.copy()
+    moved[..., 0] = 1.0 - moved[..., 0]  # mirrored face
+    other_lmk = run(env, landmarks=moved, emotion=emo, guidance_control=1.7)
+    other_emo = run(env, landmarks=lmk, emotion=emo[::-1].copy(), guidance_control=1.7)
+    other_scale = run(env, landmarks=lmk, emotion=emo, guidance_control=1.7, landmark_scale=0.3)
+    other_g = run(env, landmarks=lmk, emotion=emo, guidance_control=1.2)
+    for other in (other_lmk, other_emo, other_scale, other_g):
+        assert np.abs(other - base).max() > 1e-3
+    # the emotion swap swaps which sample gets which emotion: per-sample conditions are independent
+    assert np.abs(other_emo - base).min() < np.abs(other_emo - base).max()
+    assert len(env["pipe"].compile_log) == n  # inputs, scales and guidance are traced arguments
+    # a shared [478, 3] / [10] target is broadcast to the batch
+    shared = run(env, landmarks=lmk[0], emotion=emo[0], guidance_control=1.7)
+    both = run(env, landmarks=np.stack([lmk[0], lmk[0]]), emotion=np.stack([emo[0], emo[0]]), guidance_control=1.7)
+    np.testing.assert_array_equal(shared, both)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers and errors
+# ------------------------------------------------------------------------------------------------
+def test_guidance_branches_closed_form():
+    rng = np.random.default_rng(1)
+    e = rng.standard_normal((3, 5))
+    for g1, g2, has in [(3.0, 1.7, True), (3.0, 0.0, True), (1.0, 2.0, True), (2.5, 2.5, True), (1.0, 1.0, True),
+                        (3.0, 2.0, False), (1.0, 0.0, False), (0.0, 0.0, False), (0.0, 2.0, True)]:
+        branches, scales = guidance_branches(g1, g2, has)
+        got = e[branches[0]]
+        for k, s in zip(branches[1:], scales):
+            prev = branches[branches.index(k) - 1]
+            got = got + s * (e[k] - e[prev])
+        want = e[0] + g1 * (e[1] - e[0]) + (g2 * (e[2] - e[1]) if has else 0.0)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=str((g1, g2, has)))
+    assert guidance_branches(3.0, 1.7, True)[0] == (0, 1, 2)
+    assert guidance_branches(3.0, 3.0, True)[0] == (0, 2)
+    assert guidance_branches(1.0, 1.0, True)[0] == (2,)
+    assert guidance_branches(3.0, 5.0, False)[0] == (0, 1)
+
+
+def test_emotion_vector_table():
+    from facecrafter_jax.data.records import EMOTION_CLASSES
+    from facecrafter_jax.toy.world import VALENCE_AROUSAL, emotion_vectors
+
+    table = emotion_table()
+    assert tuple(table) == tuple(EMOTION_CLASSES)
+    for i, name in enumerate(EMOTION_CLASSES):
+        vec, desc = emotion_vector(name)
+        assert vec.shape == (10,) and vec[:8].sum() == 1.0 and vec[i] == 1.0
+        np.testing.assert_array_equal(vec[8:], VALENCE_AROUSAL[i])
+        # the toy world's full-intensity record has the same valence / arousal
+        np.testing.assert_allclose(vec[8:], emotion_vectors([i], [1.0])[0, 8:], atol=1e-7)
+        assert desc == {"name": name, "index": i, "valence": float(VALENCE_AROUSAL[i, 0]),
+                        "arousal": float(VALENCE_AROUSAL[i, 1]), "class_from": "name"}
+    vec, desc = emotion_vector("Happy", valence=0.1, arousal=-0.2)
+    np.testing.assert_allclose(vec[8:], [0.1, -0.2])
+    assert vec[1] == 1.0
+    vec, desc = emotion_vector(valence=-0.65, arousal=0.75)  # between fear (-0.6, 0.7) and anger (-0.6, 0.8)
+    d = ((VALENCE_AROUSAL - np.array([-0.65, 0.75])) ** 2).sum(1)
+    assert desc["index"] == int(np.argmin(d)) and desc["class_from"] == "nearest valence/arousal"
+    with pytest.raises(ValueError, match="unknown emotion 'joy'"):
+        emotion_vector("joy")
+    with pytest.raises(ValueError, match=r"valence 1.5 must be in \[-1, 1\]"):
+        emotion_vector("sad", valence=1.5, arousal=0.0)
+    with pytest.raises(ValueError, match="go together"):
+        emotion_vector("sad", valence=0.5)
+
+
+def test_pipeline_input_errors(env):
+    pipe = env["pipe"]
+    with pytest.raises(ValueError, match=r"landmarks must be \[478, 3\] or \[2, 478, 3\], got shape \(2, 468, 3\)"):
+        run(env, landmarks=np.zeros((2, 468, 3), np.float32))
+    with pytest.raises(ValueError, match=r"emotion must be \[10\] or \[2, 10\]"):
+        run(env, emotion=np.zeros((3, 10), np.float32))
+    with pytest.raises(ValueError, match="emotion contain NaN"):
+        run(env, emotion=np.full(10, np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"landmark_scale must be a number or \[2\]"):
+        run(env, landmarks=env["lmk"], landmark_scale=np.ones(3))
+    with pytest.raises(ValueError, match="null_controls must be one of"):
+        run(env, null_controls="zero")
+    only_arc2face = FaceCrafterPipeline(env["arc2face"].unet, env["arc2face"].text_encoder)
+    with pytest.raises(ValueError, match="has no landmark module"):
+        only_arc2face(env["arc"], landmarks=env["lmk"], output_type="latent")
