@@ -8,6 +8,12 @@ Examples:
   python sample.py --checkpoint ckpt/arc2face --id-embedding me.npy --num-images 4 --out out/me
   python sample.py --checkpoint ckpt/arc2face --id-image me.jpg --arcface arcface.onnx \\
       --landmarker face_landmarker.task --scheduler ddim --steps 50 --seed 3 --out out/me
+  python sample.py --checkpoint ckpt/facecrafter --id-embedding me.npy --landmarks-from pose.jpg \\
+      --landmarker face_landmarker.task --emotion happy --guidance-control 2 --out out/me_happy
+
+Controls (--landmarks / --landmarks-from, --emotion, --valence / --arousal) need a checkpoint with the
+FaceCrafter `adapters` component. Guidance: eps = e(null) + g_id (e(id) - e(null)) + g_ctl (e(id+controls)
+- e(id)), one model call per step; without controls the run is exactly Arc2Face.
 
 Every bad input (missing checkpoint or file, unreadable or face-less --id-image, wrong embedding shape,
 unknown emotion, valence / arousal outside [-1, 1], ...) is reported as one line `error: ...` on stderr
@@ -33,12 +39,12 @@ NUM_LANDMARKS = 478  # MediaPipe face mesh with irises
 SCHEDULER_NAMES = ("dpm++2m", "ddim", "euler")  # == facecrafter_jax.sampling.SCHEDULERS (checked in tests)
 
 # -------------------------------------------------------------------------------------------------------
-# Control extension point (FaceCrafter). Which checkpoint component provides which control. The flags
-# below are parsed and validated now; a checkpoint whose facecrafter.json lists none of these components
-# is refused with a one-line error when a control flag is given. The engineer wiring the control modules
-# replaces `run_controlled` (below) and, if the checkpoint layout differs, `available_controls`.
+# FaceCrafter controls: which checkpoint component provides which control. Both live in the `adapters`
+# component (facecrafter_jax.pretrained); its config.json lists the controls it was trained with
+# (`controls`: a subset of landmark, emotion).
 # -------------------------------------------------------------------------------------------------------
-CONTROL_COMPONENTS = {"landmark": "landmark", "emotion": "emotion"}
+CONTROL_COMPONENTS = {"landmark": "adapters", "emotion": "adapters"}
+NULL_CONTROL_MODES = ("auto", "tokens", "off")  # == facecrafter_jax.sampling.NULL_CONTROL_MODES (checked in tests)
 
 
 class CLIError(Exception):
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                      f"[{ID_DIM}] or [1, {ID_DIM}]); it is L2-normalised")
     ident.add_argument("--arcface", metavar="ONNX", help="ArcFace ONNX model (Arc2Face's arcface.onnx), for --id-image")
     ident.add_argument("--landmarker", metavar="TASK", help="MediaPipe face_landmarker.task bundle, for --id-image "
-                       "(and --landmarks-from once controls are wired)")
+                       "and --landmarks-from")
 
     s = p.add_argument_group("sampling")
     s.add_argument("--num-images", type=int, default=4, metavar="N", help="images to generate (default 4)")
@@ -93,18 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (parameters stay float32; bfloat16 for accelerators)")
 
-    c = p.add_argument_group("controls (FaceCrafter checkpoints with landmark / emotion modules only)")
+    c = p.add_argument_group("controls (FaceCrafter checkpoints with the adapters component only)")
     lm = c.add_mutually_exclusive_group()
-    lm.add_argument("--landmarks-from", metavar="IMG", help="take pose / expression landmarks from this photo")
-    lm.add_argument("--landmarks", metavar="NPY", help=f".npy of MediaPipe landmarks [{NUM_LANDMARKS}, 3] "
-                    "(x, y in [0, 1] of the aligned crop, z relative depth), as data_prep stores them")
+    lm.add_argument("--landmarks-from", metavar="IMG", help="take pose / expression landmarks from this photo: the "
+                    "largest face is detected (MediaPipe, needs --landmarker) and its 478 landmarks are mapped "
+                    "into the aligned crop exactly as data_prep stores them")
+    lm.add_argument("--landmarks", metavar="NPY", help=f".npy of MediaPipe landmarks [{NUM_LANDMARKS}, 3] (all "
+                    f"images) or [N, {NUM_LANDMARKS}, 3] (one per image, N = --num-images); x, y in [0, 1] of the "
+                    "aligned crop, z relative depth, as data_prep stores them")
     c.add_argument("--emotion", metavar="NAME", help="target emotion class: neutral, happy, sad, surprise, fear, "
-                   "disgust, anger, contempt")
-    c.add_argument("--valence", type=float, metavar="V", help="target valence in [-1, 1] (with --arousal)")
+                   "disgust, anger, contempt (one-hot probabilities + the class's valence / arousal from "
+                   "facecrafter_jax.sampling.emotion_table)")
+    c.add_argument("--valence", type=float, metavar="V", help="target valence in [-1, 1] (with --arousal; overrides "
+                   "the class's; alone: the class is the nearest one on the circumplex)")
     c.add_argument("--arousal", type=float, metavar="A", help="target arousal in [-1, 1] (with --valence)")
     c.add_argument("--guidance-control", type=float, metavar="G",
                    help="guidance scale of the controls on top of the identity (eps = e0 + g_id (e_id - e0) + "
-                        "g_ctl (e_id+ctl - e_id)); needs a control flag")
+                        "g_ctl (e_id+ctl - e_id)); default: --guidance-id; 0 gives the ID-only result; needs a "
+                        "control flag")
+    c.add_argument("--landmark-scale", type=float, metavar="L", help="lambda of the landmark attention branch "
+                   "(default 1.0)")
+    c.add_argument("--emotion-scale", type=float, metavar="L", help="lambda of the emotion attention branch "
+                   "(default 1.0)")
+    c.add_argument("--null-controls", choices=NULL_CONTROL_MODES, default="auto",
+                   help="control branches in the unconditional (null) branch: 'tokens' = the learned null tokens "
+                        "(training's all-null setup), 'off' = switched off (Arc2Face's), 'auto' (default) = tokens "
+                        "when a control is given, else off")
     return p
 
 
@@ -178,12 +198,29 @@ def read_checkpoint(directory: str) -> dict:
     if missing:
         raise CLIError(f"checkpoint {directory} lacks component(s) {missing} (it has {manifest['components']})")
     configs = {c: _read_json(os.path.join(directory, c, "config.json")) for c in ("unet", "text_encoder", "vae")}
-    return {"manifest": manifest, "configs": configs, "components": list(manifest["components"])}
+    return {"manifest": manifest, "configs": configs, "components": list(manifest["components"]), "dir": directory}
 
 
 def available_controls(ckpt: dict) -> set[str]:
-    """Controls the checkpoint can apply (see CONTROL_COMPONENTS). Extension point for FaceCrafter."""
-    return {name for name, comp in CONTROL_COMPONENTS.items() if comp in ckpt["components"]}
+    """Controls the checkpoint can apply: those listed by its adapters component (see CONTROL_COMPONENTS)."""
+    have = set()
+    for name, comp in CONTROL_COMPONENTS.items():
+        if comp not in ckpt["components"]:
+            continue
+        if comp == "adapters":
+            if "adapters" not in ckpt["configs"]:
+                from facecrafter_jax.models.facecrafter import FaceCrafterConfig
+
+                path = os.path.join(ckpt["dir"], "adapters", "config.json")
+                try:
+                    ckpt["configs"]["adapters"] = FaceCrafterConfig.from_dict(_read_json(path)).to_dict()
+                except (ValueError, TypeError) as e:
+                    raise CLIError(f"{path}: {e}") from None
+            if name in ckpt["configs"]["adapters"]["controls"]:
+                have.add(name)
+        else:
+            have.add(name)
+    return have
 
 
 def image_size(ckpt: dict, height: int | None, width: int | None) -> tuple[int, int]:
@@ -204,12 +241,18 @@ def image_size(ckpt: dict, height: int | None, width: int | None) -> tuple[int, 
 
 
 def parse_controls(args) -> dict:
-    """Validate the control flags; returns the parsed control inputs (empty dict when none given)."""
+    """Validate the control flags; returns the parsed control inputs (empty dict when none given).
+
+    ``landmarks``: ``{"source", "path", "array"}`` (array [478, 3] or [N, 478, 3]; for ``--landmarks-from``
+    the array is filled in by :func:`landmarks_from_image`); ``emotion``: ``{"name", "index", "valence",
+    "arousal", "class_from", "vector"}`` (vector [10]).
+    """
     controls: dict = {}
     if args.landmarks is not None:
         a = _load_npy(args.landmarks, "--landmarks")
-        if a.shape != (NUM_LANDMARKS, 3):
-            raise CLIError(f"--landmarks {args.landmarks}: shape {list(a.shape)}, expected [{NUM_LANDMARKS}, 3]")
+        if a.shape != (NUM_LANDMARKS, 3) and a.shape != (args.num_images, NUM_LANDMARKS, 3):
+            raise CLIError(f"--landmarks {args.landmarks}: shape {list(a.shape)}, expected [{NUM_LANDMARKS}, 3] or "
+                           f"[{args.num_images}, {NUM_LANDMARKS}, 3] (one per image, --num-images {args.num_images})")
         if not np.all(np.isfinite(a)):
             raise CLIError(f"--landmarks {args.landmarks}: contains NaN or Inf")
         controls["landmarks"] = {"source": "npy", "path": os.path.abspath(args.landmarks), "array": a.astype(np.float32)}
@@ -231,12 +274,29 @@ def parse_controls(args) -> dict:
             if not math.isfinite(v) or not -1.0 <= v <= 1.0:
                 raise CLIError(f"{flag} {v}: must be in [-1, 1]")
         controls.setdefault("emotion", {}).update(valence=args.valence, arousal=args.arousal)
+    if "emotion" in controls:
+        from facecrafter_jax.sampling import emotion_vector
+
+        e = controls["emotion"]
+        try:
+            vec, desc = emotion_vector(e.get("name"), e.get("valence"), e.get("arousal"))
+        except ValueError as err:  # pragma: no cover - the checks above catch every bad input first
+            raise CLIError(f"--emotion: {err}") from None
+        controls["emotion"] = {**desc, "vector": [round(float(x), 6) for x in vec], "array": vec}
     if args.guidance_control is not None:
         if not controls:
             raise CLIError("--guidance-control needs a control (--landmarks, --landmarks-from, --emotion or "
                            "--valence/--arousal)")
         if not math.isfinite(args.guidance_control):
             raise CLIError(f"--guidance-control {args.guidance_control}: must be a finite number")
+    for flag, value, name, what in (("--landmark-scale", args.landmark_scale, "landmarks", "--landmarks or --landmarks-from"),
+                                    ("--emotion-scale", args.emotion_scale, "emotion", "--emotion or --valence/--arousal")):
+        if value is None:
+            continue
+        if name not in controls:
+            raise CLIError(f"{flag} needs {what}")
+        if not math.isfinite(value):
+            raise CLIError(f"{flag} {value}: must be a finite number")
     return controls
 
 
@@ -291,13 +351,15 @@ def validate(args) -> dict:
                     "landmarker": landmarker}
 
     controls = parse_controls(args)
+    have = available_controls(ckpt)
     if controls:
-        have = available_controls(ckpt)
         for name in ("landmarks", "emotion"):
             module = "landmark" if name == "landmarks" else "emotion"
             if name in controls and module not in have:
                 raise CLIError(f"checkpoint {args.checkpoint} has no {module} module: "
                                f"--{'landmarks' if name == 'landmarks' else 'emotion/--valence/--arousal'} cannot be used")
+    if args.null_controls == "tokens" and not have:
+        raise CLIError(f"--null-controls tokens: checkpoint {args.checkpoint} has no control modules (no adapters component)")
 
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -305,7 +367,7 @@ def validate(args) -> dict:
     if os.path.isfile(os.path.join(out, "samples.json")) and not args.overwrite:
         raise CLIError(f"--out {args.out} already holds samples.json (pass --overwrite to replace)")
     return {"ckpt": ckpt, "batch": batch, "height": height, "width": width, "identity": identity,
-            "controls": controls, "scheduler_config": scheduler_config, "out": out}
+            "controls": controls, "available_controls": sorted(have), "scheduler_config": scheduler_config, "out": out}
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -340,6 +402,30 @@ def embed_id_image(image_path: str, landmarker_path: str, arcface_path: str) -> 
     return emb.astype(np.float32), info
 
 
+def landmarks_from_image(image_path: str, landmarker_path: str) -> tuple[np.ndarray, dict]:
+    """Largest face of a photo -> its 478 landmarks [478, 3] in the FFHQ-style aligned crop's frame, exactly as
+    data_prep stores them in records (``data_prep.extract.FaceExtractor``, default settings), and face info.
+    Raises CLIError for a photo without a usable face."""
+    from data_prep.extract import ExtractSettings, FaceExtractor
+
+    _check_image(image_path, "--landmarks-from")
+    try:
+        fx = FaceExtractor(landmarker_path, ExtractSettings())
+    except Exception as e:  # MediaPipe raises RuntimeError for a file that is not a landmarker bundle
+        raise CLIError(f"--landmarker {landmarker_path}: cannot open as a MediaPipe face landmarker ({e})") from None
+    try:
+        rec = fx(os.path.dirname(os.path.abspath(image_path)), os.path.basename(image_path))
+    finally:
+        fx.close()
+    if rec["status"] != "ok":
+        reason = {"no_face": "no face found"}.get(rec["reason"], rec["reason"].replace("_", " "))
+        raise CLIError(f"--landmarks-from {image_path}: {reason}" + (f" ({rec['detail']})" if rec.get("detail") else ""))
+    meta = rec["meta"]
+    info = {k: meta[k] for k in ("num_faces", "face_index", "face_box", "kps5", "head_pose")}
+    info["image_size"] = [meta["width"], meta["height"]]
+    return rec["landmarks"].astype(np.float32), info
+
+
 # -------------------------------------------------------------------------------------------------------
 # Outputs
 # -------------------------------------------------------------------------------------------------------
@@ -368,66 +454,104 @@ def versions() -> dict:
             "platform": platform.platform(), "devices": [str(d) for d in jax.devices()]}
 
 
-def run_controlled(models, plan_args: dict, controls: dict):  # pragma: no cover - extension point
-    """FaceCrafter extension point: sample with identity + controls (guidance chain c0, c1=id, c2=id+controls,
-    see facecrafter_jax.sampling.guided_denoiser). Unreachable until a checkpoint provides control modules."""
-    raise CLIError("control modules are not wired into sample.py yet")
-
-
 def generate(v: dict, args) -> dict:
     """Load the models, sample, write the outputs. Returns the samples.json dict."""
     import jax.numpy as jnp
     from PIL import Image
 
     from facecrafter_jax.pretrained import load_pretrained
-    from facecrafter_jax.sampling import Arc2FacePipeline
+    from facecrafter_jax.sampling import FaceCrafterPipeline
 
+    ctl = v["controls"]
+    # the adapters are loaded when a control or the null tokens are used; otherwise the run is plain Arc2Face
+    use_adapters = bool(v["available_controls"]) and (bool(ctl) or args.null_controls == "tokens")
+    components = ("unet", "text_encoder", "vae") + (("adapters",) if use_adapters else ())
     t0 = time.perf_counter()
-    models = load_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    models = load_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+                             components=components)
     t_load = time.perf_counter() - t0
-    if v["controls"]:
-        run_controlled(models, {}, v["controls"])
-    pipe = Arc2FacePipeline(models.unet, models.text_encoder, models.vae, scheduler=args.scheduler,
-                            scheduler_config=v["scheduler_config"])
+    pipe = FaceCrafterPipeline(models.adapters if use_adapters else models.unet, models.text_encoder, models.vae,
+                               scheduler=args.scheduler, scheduler_config=v["scheduler_config"])
     n, batch = args.num_images, min(v["batch"], args.num_images)
     emb = v["identity"]["embedding"]
     os.makedirs(v["out"], exist_ok=True)
     np.save(os.path.join(v["out"], "identity.npy"), emb)
+    lmk = ctl["landmarks"]["array"] if "landmarks" in ctl else None
+    emo = ctl["emotion"]["array"] if "emotion" in ctl else None
+    per_image_lmk = lmk is not None and lmk.ndim == 3
+    if per_image_lmk:
+        os.makedirs(os.path.join(v["out"], "landmarks"), exist_ok=True)
+    elif lmk is not None:
+        np.save(os.path.join(v["out"], "landmarks.npy"), lmk)
+    settings = dict(num_steps=args.steps, guidance_id=args.guidance_id, guidance_control=args.guidance_control,
+                    null_controls=args.null_controls, height=v["height"], width=v["width"])
+    scales = dict(landmark_scale=1.0 if args.landmark_scale is None else args.landmark_scale,
+                  emotion_scale=1.0 if args.emotion_scale is None else args.emotion_scale)
 
     t0 = time.perf_counter()
-    compile_s = pipe.compile(batch, num_steps=args.steps, guidance_scale=args.guidance_id,
-                             height=v["height"], width=v["width"], id_dim=ID_DIM)
+    compile_s = pipe.compile(batch, controls=tuple(c for c, a in (("landmark", lmk), ("emotion", emo)) if a is not None),
+                             id_dim=ID_DIM, **settings)
     t_sample = 0.0
     images, records = [], []
     for start in range(0, n, batch):
         count = min(batch, n - start)  # the last batch is padded to `batch` (one compilation) and trimmed
+        batch_lmk = lmk
+        if per_image_lmk:
+            idx = np.minimum(np.arange(start, start + batch), n - 1)  # padding repeats the last image's
+            batch_lmk = lmk[idx]
         t1 = time.perf_counter()
-        out = pipe(np.broadcast_to(emb, (batch, ID_DIM)), num_steps=args.steps, guidance_scale=args.guidance_id,
-                   seed=args.seed, first_index=start, height=v["height"], width=v["width"], output_type="uint8")
+        out = pipe(np.broadcast_to(emb, (batch, ID_DIM)), landmarks=batch_lmk, emotion=emo, seed=args.seed,
+                   first_index=start, output_type="uint8", **settings, **scales)
         t_sample += time.perf_counter() - t1
         for j in range(count):
             name = f"{start + j:04d}.png"
             Image.fromarray(out.images[j]).save(os.path.join(v["out"], name))
             images.append(out.images[j])
-            records.append({"file": name, "index": start + j, "seed": args.seed, "noise_index": start + j})
+            rec = {"file": name, "index": start + j, "seed": args.seed, "noise_index": start + j}
+            if per_image_lmk:
+                lname = os.path.join("landmarks", f"{start + j:04d}.npy")
+                np.save(os.path.join(v["out"], lname), lmk[start + j])
+                rec["controls"] = {"landmarks": {"file": lname, "source": ctl["landmarks"]["source"],
+                                                 "path": ctl["landmarks"]["path"], "row": start + j}}
+            records.append(rec)
     Image.fromarray(contact_sheet(np.stack(images))).save(os.path.join(v["out"], "grid.png"))
 
     ident = {k: val for k, val in v["identity"].items() if k != "embedding"}
     ident["embedding_file"] = "identity.npy"
     ident["embedding_sha256"] = hashlib.sha256(emb.astype("<f4").tobytes()).hexdigest()
-    controls = {k: {kk: vv for kk, vv in c.items() if kk != "array"} for k, c in v["controls"].items()}
+    controls = {k: {kk: vv for kk, vv in c.items() if kk != "array"} for k, c in ctl.items()}
+    if "landmarks" in controls:
+        c = controls["landmarks"]
+        c["shape"] = list(lmk.shape)
+        c["sha256"] = hashlib.sha256(lmk.astype("<f4").tobytes()).hexdigest()
+        if not per_image_lmk:
+            c["file"] = "landmarks.npy"
+        else:
+            c["per_image"] = "images[i].controls.landmarks.file"
+    if "landmarks" in controls or "emotion" in controls:
+        controls["scales"] = {"landmark": scales["landmark_scale"] if lmk is not None else None,
+                              "emotion": scales["emotion_scale"] if emo is not None else None}
     meta = {
         "tool": "sample.py",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": list(args.argv),
         "checkpoint": os.path.abspath(args.checkpoint),
         "checkpoint_components": v["ckpt"]["components"],
+        "checkpoint_controls": v["available_controls"],
+        "model": "FaceCrafter (Arc2Face + adapters)" if use_adapters else "Arc2Face",
         "identity": ident,
         "controls": controls,
         "settings": {
             "num_images": n, "batch_size": batch, "steps": args.steps, "scheduler": args.scheduler,
             "scheduler_config": os.path.abspath(args.scheduler_config) if args.scheduler_config else "SD1.5 (built in)",
-            "guidance_id": args.guidance_id, "guidance_control": args.guidance_control, "seed": args.seed,
+            "guidance_id": args.guidance_id, "guidance_control": args.guidance_control,
+            "guidance_control_used": (args.guidance_control if args.guidance_control is not None else args.guidance_id)
+            if ctl else None,
+            "guidance": "eps = e(null) + g_id (e(id) - e(null)) + g_ctl (e(id+controls) - e(id))",
+            "null_controls": args.null_controls,
+            "null_branch": ("empty prompt + control branches on their null tokens" if pipe.null_tokens_used(
+                bool(ctl), args.null_controls) else "empty prompt, control branches off"),
+            "seed": args.seed,
             "height": v["height"], "width": v["width"], "dtype": args.dtype,
             "noise": "image i: jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), [h, w, 4], float32)",
         },
@@ -453,6 +577,10 @@ def main(argv: list[str] | None = None) -> int:
         if v["identity"]["source"] == "image":
             emb, info = embed_id_image(args.id_image, v["identity"]["landmarker"], v["identity"]["arcface"])
             v["identity"].update(embedding=emb, face=info)
+        lm = v["controls"].get("landmarks")
+        if lm is not None and lm["source"] == "image":
+            arr, info = landmarks_from_image(args.landmarks_from, os.path.abspath(args.landmarker))
+            lm.update(array=arr, landmarker=os.path.abspath(args.landmarker), face=info)
         meta = generate(v, args)
     except CLIError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line

@@ -590,6 +590,12 @@ class FaceCrafterPipeline(Arc2FacePipeline):
         self.controls: tuple[str, ...] = tuple(getattr(model, "controls", ()) or ())
         self._defs["model"], self._states["model"] = nnx.split(model)
 
+    def null_tokens_used(self, has_controls: bool, null_controls: str = "auto") -> bool:
+        """Whether the null branch runs the control branches on their null tokens for these settings."""
+        if null_controls not in NULL_CONTROL_MODES:
+            raise ValueError(f"null_controls must be one of {NULL_CONTROL_MODES}, got {null_controls!r}")
+        return bool(self.controls) and (null_controls == "tokens" or (null_controls == "auto" and has_controls))
+
     # -- inputs -----------------------------------------------------------------------------------------
     def _control_input(self, name: str, value, batch: int) -> jax.Array | None:
         if value is None:

@@ -44,13 +44,33 @@ def env(tmp_path_factory, shared_models):
     torch.onnx.export(TinyArcFace().eval(), (torch.zeros(2, 3, 112, 112),), str(d / "arcface.onnx"),
                       input_names=["input.1"], output_names=["embedding"],
                       dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    # FaceCrafter checkpoints: the same base + random adapters (both controls, and landmark only)
+    from flax import nnx
+
+    from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
+    from facecrafter_jax.pretrained import load_pretrained, save_pretrained
+    from test_sampling_control import SMALL, perturb_adapters
+
+    for name, controls in (("ckpt_fc", ("landmark", "emotion")), ("ckpt_lmk", ("landmark",))):
+        m = load_pretrained(str(d / "ckpt"))
+        fc = FaceCrafter(m.unet, FaceCrafterConfig(**{**SMALL.to_dict(), "controls": controls}), rngs=nnx.Rngs(1))
+        perturb_adapters(fc, 2)
+        save_pretrained(str(d / name), unet=fc.unet, text_encoder=m.text_encoder, vae=m.vae, adapters=fc)
+    lmk = np.random.default_rng(1).uniform(0.2, 0.8, size=(478, 3)).astype(np.float32)
+    np.save(d / "lm.npy", lmk)
     yield {"dir": d, "ckpt": str(d / "ckpt"), "emb": emb, "landmarker": str(shared_models / "face_landmarker.task"),
-           "arcface": str(d / "arcface.onnx")}
+           "arcface": str(d / "arcface.onnx"), "ckpt_fc": str(d / "ckpt_fc"), "ckpt_lmk": str(d / "ckpt_lmk"),
+           "lmk": lmk}
     torch.set_num_threads(threads)
 
 
 def base_args(env, out, *extra):
     return ["--checkpoint", env["ckpt"], "--id-embedding", str(env["dir"] / "id.npy"), "--out", str(out),
+            "--steps", "4", *extra]
+
+
+def fc_args(env, out, *extra, ckpt=None):
+    return ["--checkpoint", ckpt or env["ckpt_fc"], "--id-embedding", str(env["dir"] / "id.npy"), "--out", str(out),
             "--steps", "4", *extra]
 
 
@@ -69,12 +89,16 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--checkpoint", "--id-image", "--id-embedding", "--arcface", "--landmarker", "--num-images",
                  "--batch-size", "--steps", "--scheduler", "--scheduler-config", "--guidance-id", "--seed",
                  "--height", "--width", "--out", "--overwrite", "--dtype", "--landmarks-from", "--landmarks",
-                 "--emotion", "--valence", "--arousal", "--guidance-control"):
+                 "--emotion", "--valence", "--arousal", "--guidance-control", "--landmark-scale", "--emotion-scale",
+                 "--null-controls"):
         assert flag in text, flag
     from facecrafter_jax.sampling import SCHEDULERS
     from facecrafter_jax.models.emonet import EMOTION_CLASSES_8
 
     assert tuple(sample.SCHEDULER_NAMES) == tuple(SCHEDULERS)
+    from facecrafter_jax.sampling import NULL_CONTROL_MODES
+
+    assert tuple(sample.NULL_CONTROL_MODES) == tuple(NULL_CONTROL_MODES)
     assert sample._emotions() == tuple(EMOTION_CLASSES_8)
 
 
@@ -168,6 +192,7 @@ def test_input_errors(env, tmp_path, capsys, no_models):
     np.save(tmp_path / "nan.npy", np.full(512, np.nan, np.float32))
     np.save(tmp_path / "lm_bad.npy", np.zeros((468, 3), np.float32))
     np.save(tmp_path / "lm.npy", np.full((478, 3), 0.5, np.float32))
+    np.save(tmp_path / "lm3.npy", np.full((3, 478, 3), 0.5, np.float32))
     (tmp_path / "notckpt").mkdir()
     cases = [
         (["--checkpoint", str(tmp_path / "missing"), *emb, "--out", out], "no such directory"),
@@ -202,6 +227,18 @@ def test_input_errors(env, tmp_path, capsys, no_models):
         (base_args(env, out, "--landmarks-from", str(d / "astronaut.png"), "--landmarker", env["landmarker"]),
          "has no landmark module"),
         (base_args(env, out, "--guidance-control", "2"), "--guidance-control needs a control"),
+        (base_args(env, out, "--null-controls", "tokens"), "--null-controls tokens: checkpoint"),
+        (fc_args(env, out, "--landmark-scale", "0.5", "--emotion", "sad"), "--landmark-scale needs --landmarks"),
+        (fc_args(env, out, "--emotion-scale", "0.5", "--landmarks", str(d / "lm.npy")), "--emotion-scale needs --emotion"),
+        (fc_args(env, out, "--emotion", "sad", "--emotion-scale", "nan"), "--emotion-scale nan: must be a finite"),
+        (fc_args(env, out, "--landmarks", str(tmp_path / "lm3.npy"), "--num-images", "2"),
+         "shape [3, 478, 3], expected [478, 3] or [2, 478, 3]"),
+        (fc_args(env, out, "--landmarks-from", str(d / "astronaut.png")), "--landmarks-from needs --landmarker"),
+        (fc_args(env, out, "--landmarks-from", str(d / "coffee.png"), "--landmarker", env["landmarker"]),
+         "--landmarks-from " + str(d / "coffee.png") + ": no face found"),
+        (fc_args(env, out, "--landmarks-from", str(d / "notes.png"), "--landmarker", env["landmarker"]), "not an image"),
+        (fc_args(env, out, "--emotion", "happy", ckpt=env["ckpt_lmk"]), "has no emotion module"),
+        (fc_args(env, out, "--emotion", "joy"), "--emotion 'joy': unknown"),
         (base_args(env, out, "--height", "30"), "--height 30: must be a positive multiple of 4"),
         (base_args(env, out, "--num-images", "0"), "--num-images 0: must be >= 1"),
         (base_args(env, out, "--steps", "0"), "--steps 0"),
@@ -223,3 +260,69 @@ def test_error_exit_in_a_real_process(env, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: --emotion 'joy'")
+
+
+# ------------------------------------------------------------------------------------------------
+# FaceCrafter controls
+# ------------------------------------------------------------------------------------------------
+def test_controls_end_to_end(env, run3):
+    """--landmarks NPY --emotion happy on a checkpoint with adapters: images equal FaceCrafterPipeline called
+    directly with the same inputs, differ from the ID-only run, and samples.json records every control input."""
+    from facecrafter_jax.pretrained import load_pretrained
+    from facecrafter_jax.sampling import FaceCrafterPipeline, emotion_vector
+
+    out = env["dir"] / "out_fc"
+    argv = fc_args(env, out, "--num-images", "2", "--batch-size", "2", "--seed", "5", "--landmarks",
+                   str(env["dir"] / "lm.npy"), "--emotion", "happy", "--guidance-control", "2.0",
+                   "--landmark-scale", "0.8")
+    assert sample.main(argv) == 0
+    names = sorted(os.listdir(out))
+    assert names == ["0000.png", "0001.png", "grid.png", "identity.npy", "landmarks.npy", "samples.json"]
+    imgs = np.stack([np.asarray(Image.open(out / f"{i:04d}.png")) for i in range(2)]).astype(int)
+    np.testing.assert_array_equal(np.load(out / "landmarks.npy"), env["lmk"])
+
+    m = load_pretrained(env["ckpt_fc"], components=("unet", "text_encoder", "vae", "adapters"))
+    vec, _ = emotion_vector("happy")
+    ref = FaceCrafterPipeline(m.adapters, m.text_encoder, m.vae)(
+        np.broadcast_to(env["emb"], (2, 512)), landmarks=env["lmk"], emotion=vec, guidance_id=3.0,
+        guidance_control=2.0, landmark_scale=0.8, num_steps=4, seed=5).images.astype(int)
+    assert np.abs(ref - imgs).max() <= 1
+    id_only = np.stack([np.asarray(Image.open(run3 / f"{i:04d}.png")) for i in range(2)]).astype(int)
+    assert np.abs(id_only - imgs).max() > 10  # the controls change the images (same seed, same base weights)
+
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["model"] == "FaceCrafter (Arc2Face + adapters)"
+    assert meta["checkpoint_controls"] == ["emotion", "landmark"]
+    c = meta["controls"]
+    assert c["landmarks"]["source"] == "npy" and c["landmarks"]["path"] == str(env["dir"] / "lm.npy")
+    assert c["landmarks"]["file"] == "landmarks.npy" and c["landmarks"]["shape"] == [478, 3]
+    e = c["emotion"]
+    assert (e["name"], e["index"], e["class_from"]) == ("happy", 1, "name")
+    np.testing.assert_allclose(e["vector"], vec, atol=1e-6)
+    assert (e["valence"], e["arousal"]) == (float(vec[8]), float(vec[9]))
+    assert c["scales"] == {"landmark": 0.8, "emotion": 1.0}
+    s = meta["settings"]
+    assert (s["guidance_id"], s["guidance_control"], s["guidance_control_used"], s["null_controls"]) == (3.0, 2.0, 2.0, "auto")
+    assert s["null_branch"].startswith("empty prompt + control branches on their null tokens")
+
+    # evaluate.py reads these targets (landmarks from the file written next to the images)
+    from facecrafter_jax.evaluate import load_sample_set
+
+    items = load_sample_set(str(out)).items
+    assert [it.landmarks["path"] for it in items] == [str(out / "landmarks.npy")] * 2
+    assert items[0].emotion == {"index": 1, "valence": float(vec[8]), "arousal": float(vec[9])}
+
+
+def test_landmarks_from_image_are_data_prep_record_landmarks(env):
+    from data_prep.extract import ExtractSettings, FaceExtractor
+
+    lmk, info = sample.landmarks_from_image(str(env["dir"] / "astronaut.png"), env["landmarker"])
+    fx = FaceExtractor(env["landmarker"], ExtractSettings(resolution=64))
+    try:
+        rec = fx(str(env["dir"]), "astronaut.png")
+    finally:
+        fx.close()
+    assert lmk.shape == (478, 3) and info["num_faces"] == 1
+    # records store landmarks normalised by the crop side, so they do not depend on the crop resolution
+    np.testing.assert_allclose(lmk, rec["landmarks"], atol=1e-5)
+    assert 0.2 < lmk[:, :2].mean() < 0.8
