@@ -102,7 +102,9 @@ def _build(name: str, config: dict, dtype, options: dict):
         from facecrafter_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 
         cfg = UNet2DConditionConfig.from_diffusers_config(config)
-        return nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), **options))
+        if cfg.dropout > 0:  # dropout RNG state must be real
+            return UNet2DConditionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), **options)
+        return UNet2DConditionModel.create_abstract(cfg, dtype=dtype, **options)  # shapes only, filled below
     if name == "text_encoder":
         from facecrafter_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 

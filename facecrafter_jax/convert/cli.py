@@ -59,14 +59,8 @@ def export_to_diffusers(checkpoint: str, out: str) -> list[str]:
     if models.unet is not None:
         d = os.path.join(out, "unet")
         os.makedirs(d, exist_ok=True)
-        if models.adapters is not None:  # the unet carries the adapters now: export its frozen base only
-            from facecrafter_jax.convert.weights import build_key_map, export_torch_state
-            from facecrafter_jax.models.control import FROZEN
-
-            unet_state = export_torch_state(models.unet, build_key_map(models.unet, variable_type=FROZEN), variable_type=FROZEN)
-        else:
-            unet_state = export_unet_state(models.unet)
-        save_file(unet_state, os.path.join(d, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        # export_unet_state writes the frozen base only, also when the unet carries adapters.
+        save_file(export_unet_state(models.unet), os.path.join(d, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(models.unet.config.to_dict(), f, indent=2)
         written.append(d)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..models.control import FROZEN
 from ..models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 from .weights import (KeyRule, build_key_map, export_torch_state, flax_path_str, load_torch_state, read_json,
                       read_torch_checkpoint)
@@ -22,8 +23,12 @@ __all__ = ["load_unet", "unet_key_map", "export_unet_state", "load_unet_config"]
 
 
 def unet_key_map(model: UNet2DConditionModel) -> list[KeyRule]:
-    """One rule per parameter: Flax path <-> diffusers key (e.g. ``down_blocks.0.attentions.0.proj_in.weight``)."""
-    return build_key_map(model)
+    """One rule per base parameter: Flax path <-> diffusers key (e.g. ``down_blocks.0.attentions.0.proj_in.weight``).
+
+    FaceCrafter adapter parameters (``AdapterParam``) a UNet may carry are not part of the diffusers UNet
+    and are excluded (they have their own map in :mod:`facecrafter_jax.models.facecrafter`).
+    """
+    return build_key_map(model, variable_type=FROZEN)
 
 
 def load_unet_config(folder: str) -> UNet2DConditionConfig:
@@ -44,7 +49,7 @@ def load_unet(folder: str, dtype=jnp.float32, **model_options) -> UNet2DConditio
     config = load_unet_config(folder)
     state = read_torch_checkpoint(folder)
     model = _build(config, dtype, model_options)
-    load_torch_state(model, state, unet_key_map(model))
+    load_torch_state(model, state, unet_key_map(model), variable_type=FROZEN)
     abstract = [flax_path_str(p) for p, v in nnx.to_flat_state(nnx.state(model))
                 if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     if abstract:  # pragma: no cover - guards the eval_shape shortcut below
@@ -61,4 +66,4 @@ def _build(config: UNet2DConditionConfig, dtype, model_options: dict) -> UNet2DC
 
 def export_unet_state(model: UNet2DConditionModel) -> dict[str, np.ndarray]:
     """The model's parameters as a diffusers (PyTorch-layout) state dict of float32 NumPy arrays."""
-    return export_torch_state(model, unet_key_map(model))
+    return export_torch_state(model, unet_key_map(model), variable_type=FROZEN)
