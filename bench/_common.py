@@ -1,0 +1,126 @@
+"""Shared helpers for the benchmarks: timing, peak-memory sampling, thread setup and markdown tables.
+
+Memory method (used by every bench that reports "peak MB"): :class:`PeakRSS` samples the process
+resident set size (``/proc/self/statm``) from a background thread every ``interval`` seconds while a
+call runs, after asking glibc to return freed heap pages (``malloc_trim(0)``); the reported number is
+``max(RSS during the call) - RSS just before the call``, i.e. the extra memory the call needed on top of
+what was already resident (weights, inputs, allocator caches). It works the same way for JAX and
+PyTorch CPU, but it is a lower bound when an allocator reuses memory it already holds (XLA's
+preallocated buffers, PyTorch's cached blocks), so JAX benches also report XLA's own buffer plan
+(``compiled.memory_analysis()``), which is exact for the compiled program.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import threading
+import time
+from typing import Callable, Sequence
+
+__all__ = ["rss_bytes", "malloc_trim", "PeakRSS", "time_call", "interleaved_timings", "markdown_table", "mb",
+           "available_bytes", "median", "CLOCKS"]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process in bytes (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def available_bytes() -> int:
+    """Memory the kernel reports as available to new allocations (``MemAvailable`` in ``/proc/meminfo``)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found in /proc/meminfo")
+
+
+def malloc_trim() -> None:
+    """Return free glibc heap memory to the OS so that RSS deltas measure what a call really needs."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
+def mb(nbytes: float) -> float:
+    return nbytes / 2**20
+
+
+class PeakRSS:
+    """Context manager: ``with PeakRSS() as p: f()`` then ``p.delta`` = peak RSS during ``f`` minus RSS before."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        malloc_trim()
+        self.base = self.peak = rss_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = max(self.peak, rss_bytes())
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_call(fn: Callable[[], object], clock: str = "wall") -> float:
+    """Seconds of ``fn()`` (``fn`` must block until its result is ready).
+
+    ``clock="wall"``: elapsed time. ``clock="cpu"``: CPU time of the whole process (all threads), which
+    other processes' load barely affects; compare frameworks this way only single-threaded, since idle
+    worker threads that spin-wait count as busy.
+    """
+    now = CLOCKS[clock]
+    t0 = now()
+    fn()
+    return now() - t0
+
+
+def interleaved_timings(fns: dict[str, Callable[[], object]], repeats: int, clock: str = "wall") -> dict[str, list[float]]:
+    """Time every function ``repeats`` times, interleaved (A B A B ...), so background load hits all alike.
+
+    The order alternates between rounds (A B, B A, ...) to cancel systematic first/second effects.
+    Returns ``name -> list of seconds``; take the median.
+    """
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            out[n].append(time_call(fns[n], clock))
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table (values are ``str()``-ed)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
