@@ -10,6 +10,9 @@ Two layers:
 * :class:`Arc2FacePipeline`: ArcFace embeddings -> images with the Arc2Face UNet, CLIP identity
   encoder and VAE, compiled once per (batch, size, steps, scheduler, guidance on/off, decode on/off)
   with the model weights passed as arguments (``nnx.split``), never baked in as constants.
+* :class:`FaceCrafterPipeline`: the same plus landmark / emotion controls (FaceCrafter adapters), with
+  separate guidance scales for the identity and the controls (``e(null) + g_id (e(id) - e(null)) +
+  g_ctl (e(id+controls) - e(id))``); :func:`emotion_vector` builds an emotion target from a class name.
 
 Guidance chain
 --------------

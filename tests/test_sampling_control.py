@@ -106,7 +106,8 @@ def test_masks_off_is_arc2face(env, id_only):
     out = run(env, landmarks=env["lmk"], emotion=env["emo"], guidance_control=2.0, landmark_scale=0.0,
               emotion_scale=0.0, null_controls="off")
     assert len(env["pipe"].compile_log) == n + 1 and env["pipe"].compile_log[-1]["branches"] == (0, 1, 2)
-    assert rel_err(out, id_only) <= LATENT_REL_TOL  # batch 6 vs 4: float reassociation only (measured 0)
+    print(f"masks off vs Arc2Face: max abs diff {np.abs(out - id_only).max():.2e}")
+    assert rel_err(out, id_only) <= LATENT_REL_TOL  # measured 0 here (bit-identical); batch 6 vs 4 could reassociate
 
 
 def test_null_tokens_change_the_unconditional_branch_and_g_ctl_zero_is_id_only(env, id_only):
@@ -176,6 +177,7 @@ def test_chain_with_controls_matches_pytorch(env):
     ours2 = run(env, landmarks=lmk, guidance_id=2.5)
     assert env["pipe"].compile_log[-1]["branches"] == (0, 2)
     ref2 = torch_chain(env, 2.5, 2.5, landmarks=lmk)
+    print(f"two-branch chain (g_ctl = g_id) vs PyTorch: rel err {rel_err(ours2, ref2):.2e}")
     assert rel_err(ours2, ref2) <= LATENT_REL_TOL
 
 
