@@ -326,3 +326,47 @@ def test_landmarks_from_image_are_data_prep_record_landmarks(env):
     # records store landmarks normalised by the crop side, so they do not depend on the crop resolution
     np.testing.assert_allclose(lmk, rec["landmarks"], atol=1e-5)
     assert 0.2 < lmk[:, :2].mean() < 0.8
+
+
+def test_per_image_landmarks_and_landmarks_from_photo(env):
+    """[N, 478, 3] landmarks: image i uses row i (row 0 = the shared target of the end-to-end run gives its
+    image 0); --landmarks-from runs data_prep's extraction and records the face and the array used."""
+    d = env["dir"]
+    other = np.random.default_rng(7).uniform(0.2, 0.8, size=(478, 3)).astype(np.float32)
+    np.save(d / "lm2.npy", np.stack([env["lmk"], other]))
+    out = d / "out_fc_rows"
+    common = ["--num-images", "2", "--batch-size", "2", "--seed", "5", "--emotion", "happy", "--guidance-control",
+              "2.0", "--landmark-scale", "0.8"]
+    assert sample.main(fc_args(env, out, "--landmarks", str(d / "lm2.npy"), *common)) == 0
+    shared = d / "out_fc"  # written by test_controls_end_to_end (same settings, one shared landmark target)
+    if not (shared / "0000.png").exists():
+        assert sample.main(fc_args(env, shared, "--landmarks", str(d / "lm.npy"), *common)) == 0
+    a = [np.asarray(Image.open(out / f"{i:04d}.png")).astype(int) for i in range(2)]
+    b = [np.asarray(Image.open(shared / f"{i:04d}.png")).astype(int) for i in range(2)]
+    assert np.abs(a[0] - b[0]).max() <= 1
+    assert np.abs(a[1] - b[1]).max() > 10
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["controls"]["landmarks"]["shape"] == [2, 478, 3] and "file" not in meta["controls"]["landmarks"]
+    for i, row in enumerate((env["lmk"], other)):
+        rec = meta["images"][i]["controls"]["landmarks"]
+        assert rec["file"] == f"landmarks/{i:04d}.npy" and rec["row"] == i
+        np.testing.assert_array_equal(np.load(out / rec["file"]), row)
+
+    out2 = d / "out_fc_photo"
+    assert sample.main(fc_args(env, out2, "--landmarks-from", str(d / "astronaut.png"), "--landmarker",
+                               env["landmarker"], "--valence", "-0.65", "--arousal", "0.75", "--num-images", "1",
+                               "--guidance-control", "0", "--null-controls", "off")) == 0
+    meta = json.loads((out2 / "samples.json").read_text())
+    lm = meta["controls"]["landmarks"]
+    assert lm["source"] == "image" and lm["path"] == str(d / "astronaut.png") and lm["file"] == "landmarks.npy"
+    assert lm["face"]["num_faces"] == 1 and lm["landmarker"] == env["landmarker"]
+    want, _ = sample.landmarks_from_image(str(d / "astronaut.png"), env["landmarker"])
+    np.testing.assert_array_equal(np.load(out2 / "landmarks.npy"), want)
+    e = meta["controls"]["emotion"]
+    assert e["class_from"] == "nearest valence/arousal" and (e["valence"], e["arousal"]) == (-0.65, 0.75)
+    # g_ctl = 0 with the null branch off is the ID-only (Arc2Face) image: image 0 of the plain run (seed 0)
+    assert meta["settings"]["null_branch"] == "empty prompt, control branches off"
+    plain = d / "out_plain1"
+    assert sample.main(base_args(env, plain, "--num-images", "1")) == 0
+    assert np.abs(np.asarray(Image.open(out2 / "0000.png")).astype(int)
+                  - np.asarray(Image.open(plain / "0000.png")).astype(int)).max() <= 1
