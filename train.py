@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
+    from facecrafter_jax.runtime import configure_cpu
+
+    configure_cpu()  # XLA:CPU flag defaults (docs/performance.md); no effect on GPU / TPU, user XLA_FLAGS win
     from facecrafter_jax.train.loop import run
 
     result = run(cfg)

@@ -127,7 +127,7 @@ def torch_step_factory(unet, text, fc_cfg: dict, batch: int, latent: int, seed: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     n_train = sum(p.numel() for p in params)
     return step, n_train
@@ -195,8 +195,9 @@ def bench_config(name: str, latent: int, batch: int, repeats: int, threads: int)
         n_ours = sum(v.size for v in t_ours.world.params.values())
         t_ad, ours_ad = build_ours(tmp, unet, text, fc_cfg, batch, latent, ad_weight=0.1)
         torch_step, n_torch = torch_step_factory(unet, text, fc_cfg, batch, latent)
-        for f in (ours, ours_ad, torch_step):  # warm-up
-            f()
+        for _ in range(3):  # warm-up (PyTorch/oneDNN needs a few calls to reach its steady state)
+            for f in (ours, ours_ad, torch_step):
+                f()
         med = _median_times({"ours": ours, "ours_ad": ours_ad, "torch": torch_step}, repeats)
         rows.append({"config": name, "latent": latent, "batch": batch, "ours_s": med["ours"], "torch_s": med["torch"],
                      "ratio": med["ours"] / med["torch"], "ours_ad_s": med["ours_ad"], "compile_s": compile_s,
@@ -330,6 +331,9 @@ def main(argv=None) -> int:
     p.add_argument("--_one", choices=["remat", "noremat"], help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the rows to this file")
     a = p.parse_args(argv)
+    from facecrafter_jax.runtime import configure_cpu
+
+    configure_cpu()  # the same XLA:CPU defaults as train.py (before JAX starts its CPU backend)
     rows = []
     if a._one:
         print("RESULT " + json.dumps(stage_c_sd15(a._one == "remat", latent=a.latent, batch=a.batch)), flush=True)

@@ -91,8 +91,10 @@ def generate(trainer, params, conds: dict[str, np.ndarray]) -> tuple[np.ndarray,
                                           [cfg.sample.guidance_scale]))
         return jnp.stack(outs, axis=1)  # [rows, cols, h, w, 4]
 
-    latents = jax.jit(program)(params, trainer.frozen, conds["arcface"], conds["landmarks"], conds["emotion"], noise)
-    latents = np.asarray(jax.device_get(latents))
+    # Replicated output: every process can read it (the parameters may be sharded across hosts).
+    latents = jax.jit(program, out_shardings=trainer.replicated)(
+        params, trainer.frozen, conds["arcface"], conds["landmarks"], conds["emotion"], noise)
+    latents = np.asarray(latents.addressable_data(0))
     vae = world.vae
     if vae is not None:
         flat = latents.reshape((-1,) + latents.shape[2:])
