@@ -83,9 +83,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "x
     On CPU, ``"xla"`` and ``"auto"`` run a query-blocked attention instead of
     :func:`jax.nn.dot_product_attention` (chosen per platform at lowering time with
     :func:`jax.lax.platform_dependent`; other platforms are unchanged): heads-major layout, the scale
-    folded into ``q``, and a ``lax.map`` over blocks of queries sized so that one block's float32
-    logits ``[B, heads, block, Lk]`` stay around 8 MB (cache-resident instead of the whole
-    ``[Lq, Lk]`` map: 3-4x faster for 1024-4096 tokens, see ``docs/performance.md``). Each query row
+    folded into ``q``, and, when the float32 logits of the whole call exceed 8 MB, a ``lax.map`` over
+    batch elements and blocks of queries sized so that one block's logits ``[heads, block, Lk]``
+    stay around 8 MB (instead of the whole ``[B, heads, Lq, Lk]`` map: 2-4x faster for 1024-4096
+    tokens, see ``docs/performance.md``). Each query row
     still sees all keys, so the result is the same softmax (float32 logits and sums); the output is
     normalised after the value product.
     """
@@ -111,24 +112,33 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "x
 
     def blocked(q, k, v):  # the CPU path (see the docstring)
         b, lq, h, d = q.shape
+        lk = k.shape[1]
+        budget = 1 << 21  # float32 logits per block: 8 MB
         qh = jnp.swapaxes(q, 1, 2) * jnp.asarray(scale, q.dtype)  # [B, h, Lq, d]
         kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, h, Lk, d]
 
-        def block(qb):  # [B, h, n, d] -> [B, h, n, d]
-            logits = jnp.einsum("bhqd,bhkd->bhqk", qb, kh, preferred_element_type=jnp.float32)
+        def block(qb, kb, vb):  # [..., h, n, d] x [..., h, Lk, d] -> [..., h, n, d]
+            logits = jnp.einsum("...qd,...kd->...qk", qb, kb, preferred_element_type=jnp.float32)
             e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-            out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+            out = jnp.einsum("...qk,...kd->...qd", e.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
             return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
 
-        size = max(16, (1 << 21) // (b * h * k.shape[1]))  # ~2M float32 logits (8 MB) per block
-        if lq <= size:
-            return jnp.swapaxes(block(qh), 1, 2)
-        n = -(-lq // size)
+        if b * h * lq * lk <= budget:  # everything in one block
+            return jnp.swapaxes(block(qh, kh, vh), 1, 2)
+        # Otherwise one batch element at a time, in blocks of queries (>= 16 rows for the matmuls).
+        n = -(-lq // max(16, budget // (h * lk)))
         size = -(-lq // n)
-        if n * size != lq:  # pad the last block with zero queries, dropped below
-            qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n * size - lq), (0, 0)))
-        out = jax.lax.map(block, jnp.moveaxis(qh.reshape(b, h, n, size, d), 2, 0))  # [n, B, h, size, d]
-        out = jnp.moveaxis(out, 0, 2).reshape(b, h, n * size, d)[:, :, :lq]
+
+        def one(args):  # [h, Lq, d], [h, Lk, d], [h, Lk, d] -> [h, Lq, d]
+            qi, ki, vi = args
+            if n == 1:
+                return block(qi, ki, vi)
+            if n * size != lq:  # pad the last block with zero queries, dropped below
+                qi = jnp.pad(qi, ((0, 0), (0, n * size - lq), (0, 0)))
+            out = jax.lax.map(lambda qb: block(qb, ki, vi), jnp.swapaxes(qi.reshape(h, n, size, d), 0, 1))
+            return jnp.swapaxes(out, 0, 1).reshape(h, n * size, d)[:, :lq]
+
+        out = one((qh[0], kh[0], vh[0]))[None] if b == 1 else jax.lax.map(one, (qh, kh, vh))
         return jnp.swapaxes(out, 1, 2)
 
     return jax.lax.platform_dependent(q, k, v, cpu=blocked, default=fused)
