@@ -35,7 +35,7 @@ __all__ = [
     "NUM_LANDMARKS", "SHAPE_PARAMS", "EXPRESSION_PARAMS", "EXPRESSION_RANGES", "KEY_POINTS", "FACE_OVAL",
     "RIGHT_EYE_UPPER", "RIGHT_EYE_LOWER", "LEFT_EYE_UPPER", "LEFT_EYE_LOWER", "RIGHT_BROW", "LEFT_BROW",
     "LIPS_OUTER_UPPER", "LIPS_OUTER_LOWER", "LIPS_INNER_UPPER", "LIPS_INNER_LOWER", "RIGHT_IRIS", "LEFT_IRIS",
-    "NOSE_RIDGE", "RIGHT_NOSE_SIDE", "LEFT_NOSE_SIDE", "BEARD_FULL", "BEARD_GOATEE", "MIRROR",
+    "NOSE_RIDGE", "RIGHT_FOLD", "LEFT_FOLD", "FOREHEAD_LINE", "RIGHT_NOSE_SIDE", "LEFT_NOSE_SIDE", "BEARD_FULL", "BEARD_GOATEE", "MIRROR",
     "FaceTemplate", "face_template", "face_points", "rotation_matrices", "project", "DEFAULT_CENTER",
     "DEFAULT_SCALE", "eye_loop", "lips_outer_loop", "lips_inner_loop",
 ]
@@ -61,6 +61,9 @@ RIGHT_IRIS = (468, 469, 470, 471, 472)  # centre, +x, up, -x, down (image direct
 LEFT_IRIS = (473, 474, 475, 476, 477)
 NOSE_RIDGE = (168, 6, 197, 195, 5, 4)
 # Side of the nose: ridge down to the tip, around the wing, back up along the nose-cheek junction.
+# Expression lines (drawn with an opacity that follows the expression): nasolabial fold, forehead.
+RIGHT_FOLD = (129, 203, 206, 216)
+FOREHEAD_LINE = (69, 108, 151, 337, 299)
 RIGHT_NOSE_SIDE = (168, 6, 197, 195, 5, 4, 45, 220, 115, 48, 64, 98, 129, 209, 126, 47, 114, 245, 193)
 KEY_POINTS = {
     "right_eye_outer": 33, "right_eye_inner": 133, "left_eye_inner": 362, "left_eye_outer": 263,
@@ -77,15 +80,18 @@ def _mirror_map() -> np.ndarray:
     v = CANONICAL_VERTICES.astype(np.float64)
     m = v * np.array([-1.0, 1.0, 1.0])
     idx = np.linalg.norm(v[None] - m[:, None], axis=-1).argmin(1)
-    full = np.concatenate([idx, [473, 474, 475, 476, 477, 468, 469, 470, 471, 472]])
+    # irises: centre <-> centre, up <-> up, down <-> down, and +x <-> -x (the image is flipped)
+    full = np.concatenate([idx, [473, 476, 475, 474, 477, 468, 471, 470, 469, 472]])
     return full.astype(np.int64)
 
 
 MIRROR = _mirror_map()
-"""``MIRROR[i]`` is the landmark mirrored across the face's midline (the canonical mesh is exactly symmetric;
-iris points map centre to centre, +x to +x, so the mirror of an image must also flip 469 <-> 471 if needed)."""
+"""``MIRROR[i]`` is the landmark that lands on ``i`` when the image is flipped left-right: the canonical mesh is
+exactly symmetric, so mesh vertices map to their mirror twins; iris points map centre to centre and swap +x
+with -x. Flipping landmarks: ``flipped = lm[:, MIRROR] * (-1, 1, 1) + (1, 0, 0)``."""
 
 LEFT_NOSE_SIDE = tuple(int(MIRROR[i]) for i in RIGHT_NOSE_SIDE)
+LEFT_FOLD = tuple(int(MIRROR[i]) for i in RIGHT_FOLD)
 # Full beard: the lower face oval from ear to ear, then back along the cheeks and over the upper lip.
 _BEARD_HALF = (213, 216, 92, 165, 167)
 BEARD_FULL = (132, 58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288, 361) + \
@@ -248,7 +254,7 @@ def face_template() -> FaceTemplate:
         corner = v[291] if side > 0 else v[61]
         g = _gauss(v[:, :2], corner[:2], 0.95) * (sx * side > -0.2)
         cheek = _gauss(v[:, :2], [side * 3.4, -1.8], 1.3) * (sx * side > 0)
-        return field(dx=side * 0.32 * g, dy=0.5 * g + 0.18 * cheek, dz=-0.18 * g + 0.1 * cheek)
+        return field(dx=side * 0.5 * g, dy=1.1 * g + 0.3 * cheek, dz=-0.2 * g + 0.1 * cheek)
 
     corners = np.maximum(_gauss(v[:, :2], v[61, :2], 1.0), _gauss(v[:, :2], v[291, :2], 1.0))
     inner_brows = np.maximum(_gauss(v[:, :2], [-1.5, 4.6], [1.0, 0.8]), _gauss(v[:, :2], [1.5, 4.6], [1.0, 0.8]))
@@ -264,14 +270,14 @@ def face_template() -> FaceTemplate:
         "jaw_open": jaw,
         "smile_left": smile(+1),
         "smile_right": smile(-1),
-        "mouth_stretch": field(dx=0.5 * sx * corners, dy=-0.18 * corners, dz=-0.1 * corners),
-        "brow_raise": field(dy=0.62 * brow_band),
-        "brow_inner_up": field(dy=0.55 * inner_brows * (y > 3.3)),
-        "brow_furrow": field(dx=-0.3 * sx * inner_brows * (y > 3.3), dy=-0.45 * inner_brows * (y > 3.3)),
+        "mouth_stretch": field(dx=0.9 * sx * corners, dy=-0.35 * corners, dz=-0.1 * corners),
+        "brow_raise": field(dy=1.2 * brow_band),
+        "brow_inner_up": field(dy=1.1 * inner_brows * (y > 3.3)),
+        "brow_furrow": field(dx=-0.5 * sx * inner_brows * (y > 3.3), dy=-1.0 * inner_brows * (y > 3.3)),
         "eye_open": field(dy=0.8 * gap * w_up - 0.2 * gap * w_lo),
-        "squint": field(dy=0.45 * gap * w_lo + 0.22 * cheeks),
-        "upper_lip_raise": field(dy=0.32 * upper_lip + 0.18 * alar, dz=0.05 * upper_lip),
-        "lip_press": field(dy=-0.45 * (y - y_line) * outer_lips),
+        "squint": field(dy=0.6 * gap * w_lo + 0.3 * cheeks),
+        "upper_lip_raise": field(dy=0.7 * upper_lip + 0.3 * alar, dz=0.05 * upper_lip),
+        "lip_press": field(dy=-0.6 * (y - y_line) * outer_lips),
     }
     # Rest pose: the canonical mesh has the mouth slightly open (13-14 = 0.55 cm); close it to 0.08 cm.
     # The bases above were computed on the original mesh, so the jaw still moves the whole lower lip.
@@ -279,6 +285,7 @@ def face_template() -> FaceTemplate:
     for chain, sign in ((LIPS_INNER_UPPER, 1.0), (LIPS_INNER_LOWER, -1.0)):
         idx = list(chain[1:-1])
         v[idx, 1] = y_line[idx] + sign * 0.04
+    v[brow_upper > 0, 1] += 0.12  # bolder brows (the canonical ones are ~2 px thick in a 64 px crop)
     sb = np.stack([shape[k] for k in SHAPE_PARAMS]).astype(np.float64)
     eb = np.stack([expression[k] for k in EXPRESSION_PARAMS]).astype(np.float64)
     for a in (v, sb, eb):

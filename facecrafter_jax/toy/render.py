@@ -260,6 +260,15 @@ def _prepare(params: FaceParams, res: int) -> dict[str, np.ndarray]:
         np.stack([el + [1.65, 0.0, 1.1], el * [0, 0, 0] + [7.7, 2.7, -2.5]], 1),
     ], 1)  # [N, 3, 2, 3]
     out["glasses_segs"] = _to_cam(segs.reshape(n, 6, 3), rot, origin, s)[..., :2].reshape(n, 3, 2, 2)
+    # Expression lines: nasolabial folds, two forehead lines, two frown lines between the brows.
+    out["fold_r"] = poly(L.RIGHT_FOLD)
+    out["fold_l"] = poly(L.LEFT_FOLD)
+    fh = pts[:, list(L.FOREHEAD_LINE)]
+    out["forehead"] = np.stack([_to_cam(fh, rot, origin, s)[..., :2],
+                                _to_cam(fh + [0.0, 0.6, -0.1], rot, origin, s)[..., :2]], 1)
+    gl = np.stack([pts[:, 8], pts[:, 9]], 1)
+    out["glabella"] = np.stack([_to_cam(gl + [-0.45, 0.0, 0.0], rot, origin, s)[..., :2],
+                                _to_cam(gl + [0.45, 0.0, 0.0], rot, origin, s)[..., :2]], 1)
     out["eye_centre"] = np.stack([0.5 * (cam[:, 33, :2] + cam[:, 133, :2]), 0.5 * (cam[:, 362, :2] + cam[:, 263, :2])],
                                  1)
     out["eye_centre"] = 0.5 * (out["eye_centre"] + out["rings"][:, :, 0])
@@ -471,8 +480,13 @@ def _draw_one(g, res: int):
     img = _paint_window(img, maps, g["nose_centre"], _window_size("nose", res), paint_nose)
 
     # 7. mouth
+    line_w = 0.05 * px_cm + 0.3
+    line_col = g["skin"][None] * 0.5
+
     def paint_mouth(sub, q, m):
         lit = m["shade"][:, None]
+        for k, key in enumerate(("fold_r", "fold_l")):
+            sub = _over(sub, line_col * lit, g["line_alpha"][k] * _cov(_polyline_dist(q, g[key]) - line_w))
         sub = _over(sub, g["lips"][None] * lit, _cov(_polygon_sdf(q, g["lips_out"])))
         inner = _cov(_polygon_sdf(q, g["lips_in"]))
         sub = _over(sub, jnp.array([0.18, 0.05, 0.06])[None], inner)
@@ -502,15 +516,19 @@ def _draw_one(g, res: int):
         img = _paint_window(img, maps, g["eye_centre"][k], _window_size("eye", res), paint_eye)
 
     # 9. brows
-    brow_col = g["hair"][None] * 0.7 + 0.05
+    brow_col = g["hair"][None] * 0.45 + 0.02
     for key in ("brow_r", "brow_l"):
         def paint_brow(sub, q, m, key=key):
             return _over(sub, brow_col, 0.92 * _cov(_polygon_sdf(q, g[key]), 1.2))
 
         img = _paint_window(img, maps, jnp.mean(g[key], axis=0), _window_size("brow", res), paint_brow)
 
-    # 10. hair cap on the hair ellipsoid
+    # 10. forehead and frown lines (full image: few segments), then the hair cap on the hair ellipsoid
     img = img.reshape(-1, 3)
+    lit = shade[:, None]
+    for j in range(2):
+        img = _over(img, line_col * lit, g["line_alpha"][2] * _cov(_polyline_dist(p, g["forehead"][j]) - line_w))
+        img = _over(img, line_col * lit, g["line_alpha"][3] * _cov(_polyline_dist(p, g["glabella"][j]) - line_w))
     hp = (hair_pt - g["hair_c"][None]) / px_cm
     hp = hp * jnp.array([1.0, -1.0, 1.0])
     hp = hp @ g["rot_t"].T  # head frame, relative to the skull centre
@@ -545,6 +563,17 @@ def _draw_batch(g, res: int):
     return jax.vmap(lambda x: _draw_one(x, res))(g)
 
 
+def _line_alphas(expression: np.ndarray) -> np.ndarray:
+    """Opacity [N, 4] of the expression lines: right fold, left fold, forehead, frown lines."""
+    e = {k: expression[:, i] for i, k in enumerate(L.EXPRESSION_PARAMS)}
+    lift = 0.6 * e["upper_lip_raise"] + 0.3 * e["squint"]
+    fold_r = np.clip(0.6 * np.maximum(e["smile_right"], 0) + lift, 0, 1)
+    fold_l = np.clip(0.6 * np.maximum(e["smile_left"], 0) + lift, 0, 1)
+    forehead = np.clip(e["brow_raise"] + 0.5 * e["brow_inner_up"], 0, 1)
+    frown = np.clip(e["brow_furrow"], 0, 1)
+    return 0.6 * np.stack([fold_r, fold_l, forehead, frown], 1)
+
+
 def render_faces(params: FaceParams, resolution: int = 64, batch_size: int = 128,
                  return_landmarks: bool = False):
     """Renders N faces -> uint8 [N, R, R, 3] (and landmarks [N, 478, 3] with ``return_landmarks``).
@@ -568,6 +597,7 @@ def render_faces(params: FaceParams, resolution: int = 64, batch_size: int = 128
         "ears_alpha": params.ears, "glasses": params.glasses, "beard": params.beard,
         "beard_style": params.beard_style, "brightness": params.brightness,
         "nose_facing": np.clip((g["nose_nz"] + 0.2) / 0.4, 0.0, 1.0),
+        "line_alpha": _line_alphas(params.expression),
     }
     g.update({k: np.asarray(v, np.float32) for k, v in per.items()})
     g.pop("nose_nz")

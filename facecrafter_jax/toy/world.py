@@ -109,7 +109,7 @@ class WorldConfig:
     roll_std: float = 6.0
     roll_max: float = 20.0
     emotion_weights: tuple[float, ...] = (1.0,) * NUM_EMOTIONS
-    intensity_min: float = 0.55
+    intensity_min: float = 0.7
     intensity_max: float = 1.0
     expression_jitter: float = 0.06
     gaze_std: float = 0.35
