@@ -23,7 +23,6 @@ optimisation (``model``, ``loss``, ``optim``, ``conditioning``, ``seed``, data o
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping

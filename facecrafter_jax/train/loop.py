@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping

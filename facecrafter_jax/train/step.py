@@ -21,7 +21,6 @@ record's ``image_id`` (:func:`sample_ids`), computed on the host.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from typing import Any, Callable, Mapping
 
