@@ -37,7 +37,7 @@ from .config import TrainConfig
 from .state import World
 
 __all__ = ["sample_ids", "make_noise_schedule", "per_sample_keys", "conditioning_config", "ad_loss_config",
-           "draw_conditioning", "guard_inactive", "make_train_step", "BATCH_FIELDS"]
+           "draw_conditioning", "make_train_step", "BATCH_FIELDS"]
 
 BATCH_FIELDS = ("image_id", "arcface", "landmarks", "emotion", "latent_moments")
 """Record fields the trainer reads (``image_id`` becomes ``sample_id`` on the host)."""
@@ -104,27 +104,6 @@ def ad_loss_config(cfg: TrainConfig):
 _AD_CAPTURE = {"orthogonality": ("out",), "map_overlap": ("probs",)}
 
 
-def guard_inactive(maps, active: Mapping[str, jax.Array]):
-    """Replace the control-branch maps of inactive samples by a constant (ones) before the AD loss.
-
-    Inactive samples (control off or null-dropped) do not contribute to the AD loss value, but their
-    branch outputs can be exactly zero (a null input through zero-bias encoders gives zero tokens, so
-    zero values), and the cosine's norm has a NaN gradient at 0 which masking inside the loss does not
-    stop (0 * NaN). The replacement leaves the loss value unchanged and gives those samples a zero
-    gradient.
-    """
-    out = {}
-    for layer, branches in maps.items():
-        out[layer] = {}
-        for branch, kinds in branches.items():
-            if branch in active:
-                a = active[branch]
-                kinds = {k: jnp.where(a.reshape((-1,) + (1,) * (v.ndim - 1)) > 0, v, jnp.ones_like(v))
-                         for k, v in kinds.items()}
-            out[layer][branch] = dict(kinds)
-    return out
-
-
 def draw_conditioning(keys: jax.Array, config):
     """One mixed-conditioning draw per sample key (``[B]`` keys -> ``ConditioningSample`` with ``[B]`` leaves)."""
     from facecrafter_jax import conditioning as C
@@ -177,8 +156,7 @@ def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransforma
             fc = world.merge(params, frozen).facecrafter
             if ad_cfg is not None:
                 pred, maps = fc.forward_with_maps(noisy, t, context, capture=capture, **inputs)
-                active = C.active_controls(cond)
-                ad = L.ad_loss(ad_cfg, guard_inactive(maps, active), active)
+                ad = L.ad_loss(ad_cfg, maps, C.active_controls(cond))
             else:
                 pred = fc(noisy, t, context, **inputs)
                 ad = jnp.zeros((), jnp.float32)
