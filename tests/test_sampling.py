@@ -14,7 +14,6 @@ max |ours - diffusers| on the final latents: DPM-Solver++ 25 steps 1.5e-4 (1.9e-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import jax
 import jax.numpy as jnp
 
@@ -25,29 +24,13 @@ from facecrafter_jax.sampling import (
     Arc2FacePipeline, combine_guidance, concat_conditions, guided_denoiser, initial_noise, make_plan,
     sample_latents, to_uint8,
 )
+from facecrafter_jax.testing import arc2face_context_torch as arc2face_context
 from tiny_models import save_tiny_arc2face
 
 ID_DIM = 48  # < the tiny CLIP width 64, so the zero padding is exercised (ArcFace: 512 in 768)
 BATCH = 2
 LATENT_REL_TOL = 1e-5
 IMAGE_TOL = 1e-4
-
-
-def arc2face_context(te, arcface: torch.Tensor) -> torch.Tensor:
-    """Arc2Face's identity context in PyTorch (official procedure; caller passes normalised vectors)."""
-    ids = torch.from_numpy(tokens.ARC2FACE_PROMPT_IDS[None].astype(np.int64))
-    hidden = te.config.hidden_size
-    outs = []
-    with torch.no_grad():
-        for emb in arcface:
-            tok = te.embeddings.token_embedding(ids)
-            tok[ids == tokens.ID_TOKEN_ID] = F.pad(emb[None], (0, hidden - emb.shape[-1]))
-            h = te.embeddings(input_ids=ids, inputs_embeds=tok)
-            n = ids.shape[-1]
-            causal = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
-            h = te.encoder(inputs_embeds=h, attention_mask=causal).last_hidden_state
-            outs.append(te.final_layer_norm(h))
-    return torch.cat(outs)
 
 
 @pytest.fixture(scope="module")
