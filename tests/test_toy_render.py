@@ -213,7 +213,7 @@ def test_shape_changes_identity_geometry():
     shape[1, L.SHAPE_PARAMS.index("face_width")] = 2.0
     _, e = _neutral(2)
     p = L.face_points(shape, e)
-    assert p[1, 454, 0] - p[1, 234, 0] > 1.15 * (p[0, 454, 0] - p[0, 234, 0])
+    assert p[1, 454, 0] - p[1, 234, 0] > 1.08 * (p[0, 454, 0] - p[0, 234, 0])  # +5.5 % per unit
     shape = np.zeros((1, len(L.SHAPE_PARAMS)))
     shape[0, L.SHAPE_PARAMS.index("eye_spacing")] = 1.5
     q = L.face_points(shape, e[:1])[0]
@@ -263,6 +263,7 @@ def test_generation_is_deterministic_and_identities_are_stable(world):
     for k in b1.features:
         np.testing.assert_array_equal(b1.features[k], b2.features[k])
     assert b1.images.shape == (6, 64, 64, 3) and b1.images.dtype == np.uint8
+    np.testing.assert_array_equal(world.render(b1.attributes, batch_size=4), b1.images)  # chunking-independent
     b3 = world.generate(6, seed=12, batch_size=BS)
     assert np.abs(b1.images.astype(int) - b3.images).mean() > 5
     # identity i does not depend on how many identities the world has

@@ -54,9 +54,9 @@ class AnalyserConfig:
     ``widths`` are the channels of the stride-2 stem and of each further stride-2 stage (``len(widths)``
     halvings), each stage followed by ``extra_blocks`` stride-1 blocks.
     Training: AdamW (``lr``, ``weight_decay``) with linear warm-up over ``warmup_steps`` then cosine decay,
-    ``steps`` of ``batch_size``; CosFace scale / margin; ``pose_weight``, ``landmark_weight`` and ``va_weight``
-    weigh the (normalised) pose, landmark and valence / arousal squared errors against the two
-    cross-entropies, so that the geometry gets its share of the shared trunk. ``flip_augment`` mirrors a
+    ``steps`` of ``batch_size``; CosFace scale / margin; ``emotion_weight`` scales the emotion cross-entropy
+    (identity's has weight 1), ``pose_weight``, ``landmark_weight`` and ``va_weight`` the (normalised) pose,
+    landmark and valence / arousal squared errors, so that every task gets its share of the shared trunk. ``flip_augment`` mirrors a
     random half of every minibatch (image, landmarks via :data:`~.landmarks.MIRROR`, yaw and roll negated);
     ``shift_augment`` translates every image by up to that many pixels (edges replicated, landmarks moved along).
     """
@@ -74,9 +74,10 @@ class AnalyserConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
+    emotion_weight: float = 5.0
     pose_weight: float = 10.0
     landmark_weight: float = 20.0
-    va_weight: float = 2.0
+    va_weight: float = 5.0
     flip_augment: bool = True
     shift_augment: int = 3
     seed: int = 0
@@ -246,6 +247,10 @@ class ToyAnalysers:
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 [N, R, R, 3], got {images.dtype} {images.shape}")
+        size = self.config.input_size
+        if images.shape[1] != images.shape[2] or images.shape[1] % size:
+            raise ValueError(f"images must be square with a side that is a multiple of {size} "
+                             f"(config.input_size), got {images.shape[1]}x{images.shape[2]}")
         if name not in self._fns:
             graphdef, state = nnx.split(self.model)
 
@@ -341,7 +346,7 @@ def _losses(model: AnalyserNet, cfg: AnalyserConfig, batch) -> tuple[jax.Array, 
     emo_loss = optax.softmax_cross_entropy(elog, batch["emotion"][:, :NUM_EMOTIONS]).mean()
     va_loss = jnp.mean((va - batch["emotion"][:, NUM_EMOTIONS:]) ** 2)
     emo_acc = (elog.argmax(-1) == batch["emotion"][:, :NUM_EMOTIONS].argmax(-1)).mean()
-    total = (id_loss + cfg.pose_weight * pose_loss + cfg.landmark_weight * lm_loss + emo_loss
+    total = (id_loss + cfg.pose_weight * pose_loss + cfg.landmark_weight * lm_loss + cfg.emotion_weight * emo_loss
              + cfg.va_weight * va_loss)
     return total, {"loss": total, "id_loss": id_loss, "id_acc": id_acc, "pose_loss": pose_loss,
                    "landmark_loss": lm_loss, "emotion_loss": emo_loss, "va_loss": va_loss, "emotion_acc": emo_acc}

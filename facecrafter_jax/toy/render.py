@@ -167,7 +167,7 @@ def _prepare(params: FaceParams, res: int) -> dict[str, np.ndarray]:
     lm, pts = face_landmarks(p, return_points=True)
     rot, origin, s = _camera(p, res)
     cam = _to_cam(pts, rot, origin, s)  # [N, 478, 3]
-    out: dict[str, np.ndarray] = {"uv": cam[..., :2]}
+    out: dict[str, np.ndarray] = {}
 
     def poly(idx):
         return cam[:, list(idx), :2]
@@ -579,7 +579,8 @@ def render_faces(params: FaceParams, resolution: int = 64, batch_size: int = 128
     """Renders N faces -> uint8 [N, R, R, 3] (and landmarks [N, 478, 3] with ``return_landmarks``).
 
     Work is done in chunks of ``batch_size`` (the last chunk is padded, so one compilation serves every
-    chunk of a given size). Deterministic: equal params give equal pixels.
+    chunk; fewer than ``batch_size`` images use the next power of two). Deterministic: equal params give
+    equal pixels, whatever the chunking.
     """
     if not isinstance(resolution, (int, np.integer)) or resolution < 16:
         raise ValueError(f"resolution must be an int >= 16, got {resolution!r}")
@@ -588,7 +589,7 @@ def render_faces(params: FaceParams, resolution: int = 64, batch_size: int = 128
     g = _prepare(params, int(resolution))
     lm = g.pop("lm")
     per = {
-        "light_dir": params.light_dir * np.array([1.0, 1.0, 1.0]), "ambient": params.ambient,
+        "light_dir": params.light_dir, "ambient": params.ambient,
         "skin": params.skin, "hair": params.hair, "iris": params.iris, "lips": params.lips,
         "clothing": params.clothing, "bg_top": params.bg_top, "bg_bottom": params.bg_bottom,
         "glasses_color": params.glasses_color, "hairline_front": params.hairline_front,
@@ -601,8 +602,8 @@ def render_faces(params: FaceParams, resolution: int = 64, batch_size: int = 128
     }
     g.update({k: np.asarray(v, np.float32) for k, v in per.items()})
     g.pop("nose_nz")
-    g.pop("uv")
-    bs = max(1, min(int(batch_size), n))
+    # chunks of batch_size; fewer images use the next power of two, so few distinct shapes get compiled
+    bs = max(1, min(int(batch_size), 1 << max(n - 1, 0).bit_length()))
     out = np.empty((n, resolution, resolution, 3), np.uint8)
     for i in range(0, n, bs):
         j = min(i + bs, n)
