@@ -15,8 +15,8 @@ from facecrafter_jax.data.records import EMOTION_CLASSES, iter_records, read_dat
 from facecrafter_jax.toy import landmarks as L
 from facecrafter_jax.toy.canonical_mesh import CANONICAL_VERTICES, extract_canonical_mesh
 from facecrafter_jax.toy.render import contact_sheet, face_landmarks, render_faces, save_png
-from facecrafter_jax.toy.world import (EMOTION_EXPRESSIONS, VALENCE_AROUSAL, ToyWorld, WorldConfig, emotion_vectors,
-                                       write_records)
+from facecrafter_jax.toy.world import (EMOTION_EXPRESSIONS, VALENCE_AROUSAL, Attributes, ToyWorld, WorldConfig,
+                                       emotion_vectors, write_records)
 
 BS = 16  # one renderer compilation per resolution for the whole module
 
@@ -274,6 +274,9 @@ def test_generation_is_deterministic_and_identities_are_stable(world):
     np.testing.assert_allclose(np.linalg.norm(arc, axis=1), 1.0, atol=1e-6)
     assert np.abs(arc @ arc.T - np.eye(len(arc))).max() < 0.3  # independent random directions
     assert b1.image_ids == [f"toy/s11/{i:07d}" for i in range(6)]
+    joined = Attributes.concatenate([b1.attributes.take([0, 1]), b1.attributes.take([2])])
+    for f in dataclasses.fields(joined):
+        np.testing.assert_array_equal(getattr(joined, f.name), getattr(b1.attributes, f.name)[:3])
 
 
 def _colour_stats(images):

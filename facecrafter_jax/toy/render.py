@@ -491,7 +491,8 @@ def _draw_one(g, res: int):
         inner = _cov(_polygon_sdf(q, g["lips_in"]))
         sub = _over(sub, jnp.array([0.18, 0.05, 0.06])[None], inner)
         d_up = _polyline_dist(q, g["lip_up"])
-        teeth = _cov(d_up - 0.32 * px_cm) * inner
+        corners = jnp.minimum(jnp.linalg.norm(q - g["lip_up"][0], axis=-1), jnp.linalg.norm(q - g["lip_up"][-1], axis=-1))
+        teeth = _cov(d_up - 0.32 * px_cm) * inner * jnp.clip((corners - 0.3 * px_cm) / (0.3 * px_cm), 0.0, 1.0)
         sub = _over(sub, jnp.array([0.93, 0.91, 0.86])[None] * lit, teeth)
         line = _cov(jnp.minimum(d_up, _polyline_dist(q, g["lip_lo"])) - 0.35, 1.0)
         return _over(sub, g["lips"][None] * 0.45, 0.6 * line)
@@ -630,8 +631,12 @@ def contact_sheet(images: np.ndarray, ncols: int, pad: int = 2, background: int 
     return sheet
 
 
-def save_png(image: np.ndarray, path) -> None:
-    """Writes a uint8 RGB image [H, W, 3] as PNG (Pillow)."""
+def save_png(image: np.ndarray, path, palette: bool = False) -> None:
+    """Writes a uint8 RGB image [H, W, 3] as PNG (Pillow); ``palette`` stores 256 adaptive colours (smaller
+    files for documentation, lossy)."""
     from PIL import Image
 
-    Image.fromarray(np.asarray(image, np.uint8), "RGB").save(path, optimize=True)
+    im = Image.fromarray(np.asarray(image, np.uint8), "RGB")
+    if palette:
+        im = im.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    im.save(path, optimize=True)
