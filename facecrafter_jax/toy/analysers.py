@@ -398,7 +398,7 @@ def _shift(batch: dict[str, np.ndarray], rng: np.random.Generator, max_shift: in
 def train_analysers(images, targets: Mapping[str, np.ndarray], config: AnalyserConfig | None = None, *,
                     log_every: int = 0, logger: Callable[[str], None] | None = None
                     ) -> tuple[ToyAnalysers, list[dict[str, float]]]:
-    """Trains the three analysers on rendered images and their ground truth.
+    """Trains the analyser network (identity, pose / landmark and emotion heads) on rendered images.
 
     ``images`` uint8 [N, R, R, 3]; ``targets``: ``identity`` [N] (int), ``head_pose`` [N, 3] (deg),
     ``landmarks`` [N, 478, 3], ``emotion`` [N, 10] (the record fields, e.g. ``ToyBatch.features`` plus
