@@ -88,7 +88,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "x
     stay around 8 MB (instead of the whole ``[B, heads, Lq, Lk]`` map: 2-4x faster for 1024-4096
     tokens, see ``docs/performance.md``). Each query row
     still sees all keys, so the result is the same softmax (float32 logits and sums); the output is
-    normalised after the value product.
+    normalised after the value product. Its gradient is a ``jax.custom_vjp`` in the style of flash
+    attention: only the output and the per-row log-sum-exp are kept, and the backward pass recomputes
+    each block's probabilities (memory linear in the sequence length; reverse mode only).
     """
     _check_implementation(implementation)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -114,32 +116,83 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "x
         b, lq, h, d = q.shape
         lk = k.shape[1]
         budget = 1 << 21  # float32 logits per block: 8 MB
-        qh = jnp.swapaxes(q, 1, 2) * jnp.asarray(scale, q.dtype)  # [B, h, Lq, d]
-        kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, h, Lk, d]
-
-        def block(qb, kb, vb):  # [..., h, n, d] x [..., h, Lk, d] -> [..., h, n, d]
-            logits = jnp.einsum("...qd,...kd->...qk", qb, kb, preferred_element_type=jnp.float32)
-            e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-            out = jnp.einsum("...qk,...kd->...qd", e.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-            return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
-
-        if b * h * lq * lk <= budget:  # everything in one block
-            return jnp.swapaxes(block(qh, kh, vh), 1, 2)
-        # Otherwise one batch element at a time, in blocks of queries (>= 16 rows for the matmuls).
-        n = -(-lq // max(16, budget // (h * lk)))
+        fits = b * h * lq * lk <= budget  # one block for everything; else per batch element, in query blocks
+        n = 1 if fits else -(-lq // max(16, budget // (h * lk)))  # (>= 16 rows for the matmuls)
         size = -(-lq // n)
+        pad = n * size - lq  # the last block is padded with zero queries (their outputs are dropped)
 
-        def one(args):  # [h, Lq, d], [h, Lk, d], [h, Lk, d] -> [h, Lq, d]
-            qi, ki, vi = args
-            if n == 1:
-                return block(qi, ki, vi)
-            if n * size != lq:  # pad the last block with zero queries, dropped below
-                qi = jnp.pad(qi, ((0, 0), (0, n * size - lq), (0, 0)))
-            out = jax.lax.map(lambda qb: block(qb, ki, vi), jnp.swapaxes(qi.reshape(h, n, size, d), 0, 1))
-            return jnp.swapaxes(out, 0, 1).reshape(h, n * size, d)[:, :lq]
+        def fwd_block(qb, kb, vb):  # [..., n, d], [..., Lk, d] -> float32 out [..., n, d], logsumexp [..., n]
+            logits = jnp.einsum("...qd,...kd->...qk", qb, kb, preferred_element_type=jnp.float32)
+            m = jnp.max(logits, axis=-1, keepdims=True)
+            e = jnp.exp(logits - m)
+            s = jnp.sum(e, axis=-1, keepdims=True)
+            out = jnp.einsum("...qk,...kd->...qd", e.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            return out / s, (m + jnp.log(s))[..., 0]
 
-        out = one((qh[0], kh[0], vh[0]))[None] if b == 1 else jax.lax.map(one, (qh, kh, vh))
-        return jnp.swapaxes(out, 1, 2)
+        def bwd_block(qb, kb, vb, dob, lseb, deltab):  # recomputes the block's probabilities
+            logits = jnp.einsum("...qd,...kd->...qk", qb, kb, preferred_element_type=jnp.float32)
+            p = jnp.exp(logits - lseb[..., None])
+            dv = jnp.einsum("...qk,...qd->...kd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("...qd,...kd->...qk", dob, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - deltab[..., None])
+            dq = jnp.einsum("...qk,...kd->...qd", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
+            dk = jnp.einsum("...qk,...qd->...kd", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
+            return dq, dk, dv
+
+        def split(x):  # [h, Lq, ...] -> [n, h, size, ...]
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+            return jnp.swapaxes(x.reshape((h, n, size) + x.shape[2:]), 0, 1)
+
+        def merge(x):  # [n, h, size, ...] -> [h, Lq, ...]
+            return jnp.swapaxes(x, 0, 1).reshape((h, n * size) + x.shape[3:])[:, :lq]
+
+        def forward(qh, kh, vh):
+            if fits:
+                return fwd_block(qh, kh, vh)
+
+            def one(args):
+                qi, ki, vi = args
+                if n == 1:
+                    return fwd_block(qi, ki, vi)
+                out, lse = jax.lax.map(lambda qb: fwd_block(qb, ki, vi), split(qi))
+                return merge(out), merge(lse)
+
+            return jax.lax.map(one, (qh, kh, vh))
+
+        def backward(res, dout):  # flash-attention style: nothing [Lq, Lk]-sized was kept
+            qh, kh, vh, out, lse = res
+            delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+            if fits:
+                dq, dk, dv = bwd_block(qh, kh, vh, dout, lse, delta)
+            else:
+                def one(args):
+                    qi, ki, vi, doi, lsei, deltai = args
+                    if n == 1:
+                        return bwd_block(qi, ki, vi, doi, lsei, deltai)
+
+                    def step(carry, blk):
+                        dqb, dkb, dvb = bwd_block(blk[0], ki, vi, blk[1], blk[2], blk[3])
+                        return (carry[0] + dkb, carry[1] + dvb), dqb
+
+                    zeros = jnp.zeros(ki.shape, jnp.float32)
+                    (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), tuple(map(split, (qi, doi, lsei, deltai))))
+                    return merge(dq), dk, dv
+
+                dq, dk, dv = jax.lax.map(one, (qh, kh, vh, dout, lse, delta))
+            return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype)
+
+        @jax.custom_vjp
+        def attention(qh, kh, vh):  # [B, h, L, d], q already scaled
+            return forward(qh, kh, vh)[0].astype(v.dtype)
+
+        def attention_fwd(qh, kh, vh):
+            out, lse = forward(qh, kh, vh)
+            out = out.astype(v.dtype)
+            return out, (qh, kh, vh, out, lse)
+
+        attention.defvjp(attention_fwd, backward)
+        qh = jnp.swapaxes(q, 1, 2) * jnp.asarray(scale, q.dtype)
+        return jnp.swapaxes(attention(qh, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)), 1, 2)
 
     return jax.lax.platform_dependent(q, k, v, cpu=blocked, default=fused)
 
