@@ -208,3 +208,35 @@ def test_missing_info_or_shard_is_an_error(tmp_path):
     os.remove(tmp_path / "shard-00000.array_record")
     with pytest.raises(R.RecordError, match=r"missing on disk: \['shard-00000.array_record'\]"):
         R.RecordWriter(tmp_path, resolution=RES)
+
+
+def test_other_vae_factor_latent_side(tmp_path):
+    """A VAE that downsamples by 4 (the toy VAE): 64 px records with 16 x 16 latents, stored as the dataset's
+    latent_side; the grain pipeline decodes them; resuming with another side or a side that does not divide
+    the resolution is an error naming it."""
+    from facecrafter_jax.data import iter_records, make_pipeline
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(6):
+        r = _rec(i)
+        r["latent_moments"] = rng.standard_normal((16, 16, 8)).astype(np.float32)
+        recs.append(r)
+    with R.RecordWriter(tmp_path / "d", RES, shard_size=4, latent_dtype="float32", latent_side=16) as w:
+        for r in recs:
+            w.write(r)
+    info = R.read_dataset_info(tmp_path / "d")
+    assert info["latent_side"] == 16 and info["fields"]["latent_moments"]["shape"] == [16, 16, 8]
+    for got, want in zip(iter_records(tmp_path / "d"), recs):
+        _assert_record_equal(got, want)
+    p = make_pipeline(tmp_path / "d", global_batch_size=3, seed=0, shuffle=False, sharding=None)
+    batch = next(p)
+    p.close()
+    assert np.shape(batch["latent_moments"]) == (3, 16, 16, 8)
+    np.testing.assert_array_equal(np.asarray(batch["latent_moments"]), np.stack([r["latent_moments"] for r in recs[:3]]))
+    with pytest.raises(R.RecordError, match="latent_side"):
+        R.RecordWriter(tmp_path / "d", RES, shard_size=4, latent_dtype="float32")  # default side 8
+    with pytest.raises(R.RecordError, match="latent_side"):
+        R.RecordCodec(RES, "float32", latent_side=5)
+    with pytest.raises(R.RecordError, match="latent_moments"):
+        R.RecordCodec(RES, "float32").encode(recs[0])  # a 16 x 16 latent in an SD-factor dataset

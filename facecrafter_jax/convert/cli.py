@@ -4,6 +4,7 @@ Sub-commands::
 
     facecrafter-convert from-diffusers --unet DIR [--text-encoder DIR] [--vae DIR] --out DIR
     facecrafter-convert to-diffusers CHECKPOINT OUT
+    facecrafter-convert from-run RUN OUT [--vae DIR] [--no-ema]
     facecrafter-convert params [--unet-config sd15|PATH] [--controls landmark,emotion] [--landmark-tokens N] ...
 
 ``from-diffusers`` reads a diffusers UNet folder, a transformers CLIPTextModel folder (Arc2Face's
@@ -13,7 +14,8 @@ stock ``UNet2DConditionModel.from_pretrained`` loads), ``OUT/text_encoder`` (tra
 ``CLIPTextModel``) and ``OUT/vae`` when present, and, when the checkpoint has FaceCrafter adapters,
 ``OUT/facecrafter_adapters.safetensors`` (PyTorch layout, for
 :func:`facecrafter_jax.torch_facecrafter.load_facecrafter_adapters`) with its config
-``OUT/facecrafter_adapters.json``. ``params`` prints FaceCrafter's trainable (AdapterParam) and frozen
+``OUT/facecrafter_adapters.json``. ``from-run`` turns a training run's latest checkpoint into our converted
+folder (:func:`facecrafter_jax.train.export.export_run`). ``params`` prints FaceCrafter's trainable (AdapterParam) and frozen
 parameter counts for a UNet architecture, built abstractly (no memory).
 """
 
@@ -130,6 +132,13 @@ def _to_diffusers(args) -> None:
         print(f"wrote {d}")
 
 
+def _from_run(args) -> None:
+    from facecrafter_jax.train.export import export_run
+
+    result = export_run(args.run, args.out, vae=args.vae, prefer_ema=not args.no_ema)
+    print(f"wrote {args.out} ({', '.join(result['components'])}) from {result['step_dir']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facecrafter-convert", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("checkpoint", help="folder written by from-diffusers (or by training)")
     t.add_argument("out", help="output folder: OUT/unet, OUT/text_encoder, OUT/vae")
     t.set_defaults(func=_to_diffusers)
+
+    r = sub.add_parser("from-run", help="training run (latest checkpoint) -> our checkpoint folder for sample.py")
+    r.add_argument("run", help="run directory (or its checkpoints folder, or one step folder)")
+    r.add_argument("out", help="output folder (created)")
+    r.add_argument("--vae", help="converted folder whose vae component made the records (base-stage runs)")
+    r.add_argument("--no-ema", action="store_true", help="export the raw trained parameters, not the EMA copy")
+    r.set_defaults(func=_from_run)
 
     q = sub.add_parser("params", help="FaceCrafter trainable vs frozen parameter counts (abstract build, no memory)")
     q.add_argument("--unet-config", default="sd15", help="'sd15' (default), a diffusers UNet folder or its config.json")

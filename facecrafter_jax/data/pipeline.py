@@ -49,24 +49,27 @@ def _ensure_absl_flags_parsed() -> None:
 class DecodeRecord:
     """Picklable grain map: record bytes -> dict of the selected fields (numpy arrays; image_id a str)."""
 
-    def __init__(self, resolution: int, latent_dtype: str, fields: Sequence[str] | None = None):
+    def __init__(self, resolution: int, latent_dtype: str, fields: Sequence[str] | None = None,
+                 latent_side: int | None = None):
         self.resolution = resolution
         self.latent_dtype = latent_dtype
+        self.latent_side = latent_side
         self.fields = tuple(R.FIELDS if fields is None else fields)
         unknown = sorted(set(self.fields) - set(R.FIELDS))
         if unknown:
             raise R.RecordError(f"unknown field(s) {unknown} requested; record fields are {list(R.FIELDS)}")
-        self._codec = R.RecordCodec(resolution, latent_dtype)
+        self._codec = R.RecordCodec(resolution, latent_dtype, latent_side)
 
     def __call__(self, data: bytes) -> dict[str, Any]:
         rec = self._codec.decode(data)
         return {k: rec[k] for k in self.fields}
 
     def __getstate__(self):
-        return {"resolution": self.resolution, "latent_dtype": self.latent_dtype, "fields": self.fields}
+        return {"resolution": self.resolution, "latent_dtype": self.latent_dtype, "fields": self.fields,
+                "latent_side": self.latent_side}
 
     def __setstate__(self, state):
-        self.__init__(state["resolution"], state["latent_dtype"], state["fields"])
+        self.__init__(state["resolution"], state["latent_dtype"], state["fields"], state.get("latent_side"))
 
 
 def data_sharding(mesh: jax.sharding.Mesh | None = None, axis: str | tuple[str, ...] = "data"):
@@ -261,7 +264,7 @@ def make_pipeline(
         raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
-    decode = DecodeRecord(info["resolution"], info["latent_dtype"], fields)
+    decode = DecodeRecord(info["resolution"], info["latent_dtype"], fields, info.get("latent_side"))
     spec = PipelineSpec(
         shards=tuple(sorted(counts.items())), resolution=info["resolution"], latent_dtype=info["latent_dtype"],
         fields=decode.fields, seed=int(seed), shuffle=bool(shuffle), num_epochs=num_epochs,

@@ -7,7 +7,8 @@ A dataset folder holds::
     shard-00000.ids.txt           the image_id of every record of that shard, one per line (resume / dedup)
     ...
 
-Record fields (``R`` = resolution, ``S = R // 8``):
+Record fields (``R`` = resolution, ``S`` = latent side: ``R // 8`` for the SD VAE, or the dataset's
+``latent_side`` when its VAE downsamples by another factor, e.g. the toy VAE's ``R // 4``):
 
 ==================  ==================  =====================================================================
 field               dtype / shape       meaning
@@ -100,9 +101,21 @@ def _check_latent_dtype(latent_dtype: str) -> str:
     return name
 
 
-def field_specs(resolution: int = 512, latent_dtype: str = "float16") -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shape and dtype name of every field for a given resolution and latent storage dtype."""
-    s = latent_side(resolution)
+def _side(resolution: int, side: int | None) -> int:
+    """``side`` when given (checked: positive, divides ``resolution``), else :func:`latent_side` (``R // 8``)."""
+    if side is None:
+        return latent_side(resolution)
+    if not isinstance(side, (int, np.integer)) or isinstance(side, bool) or side <= 0 \
+            or not isinstance(resolution, (int, np.integer)) or resolution <= 0 or resolution % side:
+        raise RecordError(f"latent_side must be a positive divisor of the resolution {resolution!r}, got {side!r}")
+    return int(side)
+
+
+def field_specs(resolution: int = 512, latent_dtype: str = "float16",
+                latent_side: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype name of every field for a given resolution, latent storage dtype and latent side
+    (default ``resolution // 8``)."""
+    s = _side(resolution, latent_side)
     specs: dict[str, tuple[tuple[int, ...], str]] = {"image_id": ((), "str")}
     specs.update({k: (v, "float32") for k, v in _FEATURE_SHAPES.items()})
     specs["latent_moments"] = ((s, s, LATENT_CHANNELS), _check_latent_dtype(latent_dtype))
@@ -118,9 +131,9 @@ class RecordCodec:
     float16 range are rejected, never silently clipped.
     """
 
-    def __init__(self, resolution: int = 512, latent_dtype: str = "float16"):
+    def __init__(self, resolution: int = 512, latent_dtype: str = "float16", latent_side: int | None = None):
         self.resolution = int(resolution)
-        self.side = latent_side(resolution)
+        self.side = _side(resolution, latent_side)
         self.latent_dtype = _check_latent_dtype(latent_dtype)
         self._np_latent = np.dtype(self.latent_dtype).newbyteorder("<")
         self._latent_shape = (self.side, self.side, LATENT_CHANNELS)
@@ -255,7 +268,7 @@ def read_dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("resolution", "latent_dtype", "shards"):
         if key not in info:
             raise RecordError(f"{path}: missing key {key!r}")
-    latent_side(info["resolution"])
+    _side(info["resolution"], info.get("latent_side"))
     _check_latent_dtype(info["latent_dtype"])
     return info
 
@@ -290,7 +303,7 @@ def count_records(data_dir: str | os.PathLike) -> int:
 def codec_for(data_dir: str | os.PathLike) -> RecordCodec:
     """The :class:`RecordCodec` matching a dataset folder's ``dataset.json``."""
     info = read_dataset_info(data_dir)
-    return RecordCodec(info["resolution"], info["latent_dtype"])
+    return RecordCodec(info["resolution"], info["latent_dtype"], info.get("latent_side"))
 
 
 def read_image_ids(data_dir: str | os.PathLike) -> list[str]:
@@ -348,7 +361,7 @@ class RecordWriter:
 
     Args:
         out_dir: dataset folder (created if needed).
-        resolution: image resolution; latents are ``resolution // 8`` square.
+        resolution: image resolution; latents are ``latent_side`` square (default ``resolution // 8``).
         shard_size: records per shard (the last shard of a run may be smaller).
         latent_dtype: ``"float16"`` (default) or ``"float32"`` storage for ``latent_moments``.
         writer_options: ArrayRecord writer options; must contain ``group_size:1`` (random access).
@@ -360,12 +373,12 @@ class RecordWriter:
 
     def __init__(self, out_dir: str | os.PathLike, resolution: int = 512, shard_size: int = 1000, *,
                  latent_dtype: str = "float16", writer_options: str = DEFAULT_WRITER_OPTIONS,
-                 metadata: Mapping[str, Any] | None = None):
+                 metadata: Mapping[str, Any] | None = None, latent_side: int | None = None):
         if not isinstance(shard_size, int) or shard_size <= 0:
             raise RecordError(f"shard_size must be a positive int, got {shard_size!r}")
         if "group_size:1" not in writer_options.split(","):
             raise RecordError(f"writer_options must contain 'group_size:1' for random access, got {writer_options!r}")
-        self.codec = RecordCodec(resolution, latent_dtype)
+        self.codec = RecordCodec(resolution, latent_dtype, latent_side)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
@@ -395,9 +408,10 @@ class RecordWriter:
         shards = list_shards(self.out_dir)
         if info_path.exists():
             info = read_dataset_info(self.out_dir)
-            for key, want in (("resolution", self.codec.resolution), ("latent_dtype", self.codec.latent_dtype)):
-                if info[key] != want:
-                    raise RecordError(f"dataset {self.out_dir} has {key}={info[key]!r}; this writer was "
+            for key, want in (("resolution", self.codec.resolution), ("latent_dtype", self.codec.latent_dtype),
+                              ("latent_side", self.codec.side)):
+                if info.get(key, latent_side(info["resolution"]) if key == "latent_side" else None) != want:
+                    raise RecordError(f"dataset {self.out_dir} has {key}={info.get(key)!r}; this writer was "
                                       f"created with {key}={want!r}")
             on_disk = {p.name for p in shards}
             lost = sorted(set(info["shards"]) - on_disk)
@@ -420,7 +434,7 @@ class RecordWriter:
         self._write_info()
 
     def _write_info(self) -> None:
-        specs = field_specs(self.codec.resolution, self.codec.latent_dtype)
+        specs = field_specs(self.codec.resolution, self.codec.latent_dtype, self.codec.side)
         info = {
             "format": FORMAT_NAME,
             "schema_version": SCHEMA_VERSION,

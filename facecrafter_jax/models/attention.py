@@ -61,6 +61,10 @@ class BranchOutputs(nnx.Intermediate):
     """
 
 
+CPU_LOGITS_BUDGET = 1 << 21
+"""float32 logits per block of the CPU attention path (8 MB)."""
+
+
 def _check_implementation(implementation: str) -> None:
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
@@ -115,7 +119,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "x
     def blocked(q, k, v):  # the CPU path (see the docstring)
         b, lq, h, d = q.shape
         lk = k.shape[1]
-        budget = 1 << 21  # float32 logits per block: 8 MB
+        budget = CPU_LOGITS_BUDGET  # float32 logits per block
         fits = b * h * lq * lk <= budget  # one block for everything; else per batch element, in query blocks
         n = 1 if fits else -(-lq // max(16, budget // (h * lk)))  # (>= 16 rows for the matmuls)
         size = -(-lq // n)

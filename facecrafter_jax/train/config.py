@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence, Union
 import yaml
 
 __all__ = [
-    "ConfigError", "ModelConfig", "DataConfig", "SyntheticDataConfig", "LossConfig", "OptimConfig", "MeshConfig",
+    "ConfigError", "STAGES", "ModelConfig", "DataConfig", "SyntheticDataConfig", "LossConfig", "OptimConfig", "MeshConfig",
     "CheckpointConfig", "LoggingConfig", "SampleConfig", "DistributedConfig", "TrainConfig",
     "from_dict", "to_dict", "to_yaml", "to_json", "load_config", "apply_overrides", "parse_overrides",
 ]
@@ -42,6 +42,9 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- the schema
+STAGES = ("base", "landmark", "emotion", "joint")
+
+
 def _choice(key: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
@@ -61,7 +64,8 @@ class ModelConfig:
         initialisation from the inline ``unet`` / ``text_encoder`` / ``vae`` configs (tests, toy runs).
       unet, text_encoder, vae: inline architecture configs (diffusers / transformers key names) used when
         ``pretrained`` is None; ``vae`` is optional (only needed to decode sample grids).
-      controls: the control modules of the FaceCrafter model (``landmark``, ``emotion``).
+      controls: the control modules of the FaceCrafter model (``landmark``, ``emotion``); empty for the
+        ``base`` stage, which trains the Arc2Face base itself (UNet + identity encoder, see docs/training.md).
       facecrafter: extra FaceCrafter options (token counts, encoder widths; see docs/method.md).
       init_from: ``{control: run directory or checkpoint step folder}`` whose trained adapter parameters
         initialise this model's (stage c from stages a and b).
@@ -85,10 +89,9 @@ class ModelConfig:
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("model.attention_implementation", self.attention_implementation, ("xla", "cudnn", "auto"))
-        if not self.controls or any(c not in ("landmark", "emotion") for c in self.controls) \
-                or len(set(self.controls)) != len(self.controls):
-            raise ConfigError(f"config key 'model.controls' must be a non-empty subset of [landmark, emotion], "
-                              f"got {list(self.controls)}")
+        if any(c not in ("landmark", "emotion") for c in self.controls) or len(set(self.controls)) != len(self.controls):
+            raise ConfigError(f"config key 'model.controls' must be a subset of [landmark, emotion] (empty only "
+                              f"for stage 'base'), got {list(self.controls)}")
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,14 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run (one stage)."""
+    """One training run (one stage).
+
+    ``stage``: ``landmark`` / ``emotion`` (pre-train one control module), ``joint`` (both, disentanglement
+    training), or ``base``: train the Arc2Face base model itself (every UNet and text-encoder parameter
+    except the token-embedding table; no control modules) with the identity dropped to the empty prompt
+    with probability ``conditioning.all_null`` (default 0.1) for classifier-free guidance. The toy
+    pipeline uses ``base`` to make its Arc2Face from scratch.
+    """
 
     name: str = "facecrafter"
     stage: str = "joint"
@@ -283,12 +293,12 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        _choice("stage", self.stage, ("landmark", "emotion", "joint"))
+        _choice("stage", self.stage, STAGES)
         _positive("steps", self.steps)
 
     def validate(self) -> "TrainConfig":
         """Checks across sections (run after all overrides): controls fit the stage, init_from the controls."""
-        expected = ("landmark", "emotion") if self.stage == "joint" else (self.stage,)
+        expected = {"joint": ("landmark", "emotion"), "base": ()}.get(self.stage, (self.stage,))
         if tuple(sorted(self.model.controls)) != tuple(sorted(expected)):
             raise ConfigError(f"config key 'model.controls' = {list(self.model.controls)} does not fit stage "
                               f"{self.stage!r} (expected {list(expected)})")

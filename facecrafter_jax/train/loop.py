@@ -84,7 +84,7 @@ def _batch_specs(data_dir: Path, global_batch: int) -> dict[str, tuple[tuple[int
     from .step import BATCH_FIELDS
 
     info = R.read_dataset_info(data_dir)
-    specs = R.field_specs(info["resolution"], info["latent_dtype"])
+    specs = R.field_specs(info["resolution"], info["latent_dtype"], info.get("latent_side"))
     out = {k: ((global_batch,) + tuple(specs[k][0]), np.dtype(specs[k][1])) for k in BATCH_FIELDS if k != "image_id"}
     out["sample_id"] = ((global_batch, 2), np.dtype(np.uint32))
     return out

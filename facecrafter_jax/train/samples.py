@@ -59,7 +59,7 @@ def generate(trainer, params, conds: dict[str, np.ndarray]) -> tuple[np.ndarray,
 
     cfg = trainer.cfg
     world = trainer.world
-    controls = tuple(world.facecrafter_config.controls)
+    controls = world.controls
     setups = sample_setups(controls)
     rows = conds["arcface"].shape[0]
     lat = _latent_hw(trainer)
@@ -68,7 +68,7 @@ def generate(trainer, params, conds: dict[str, np.ndarray]) -> tuple[np.ndarray,
 
     def program(params, frozen, arcface, landmarks, emotion, noise):
         model = world.merge(params, frozen)
-        fc, text = model.facecrafter, model.text_encoder
+        fc, text = model.denoiser, model.text_encoder
         ctx = text.encode_id(arcface)
         empty = jnp.broadcast_to(text.encode_ids(np.asarray(_tokens.EMPTY_PROMPT_IDS)[None]), ctx.shape)
         outs = []
@@ -112,7 +112,7 @@ def _latent_hw(trainer) -> tuple[int, int, int]:
     from facecrafter_jax.data import records as R
 
     info = R.read_dataset_info(trainer.data_dir)
-    s = R.latent_side(info["resolution"])
+    s = int(info.get("latent_side") or R.latent_side(info["resolution"]))
     return (s, s, 4)
 
 

@@ -6,7 +6,9 @@ adapters and token encoders) and the frozen CLIP identity encoder. It is split o
     graphdef, trainable, frozen, rest = nnx.split(model, AdapterParam, nnx.Param, ...)
 
 ``trainable`` (every :class:`~facecrafter_jax.models.control.AdapterParam`) and ``frozen`` (every other
-``nnx.Param``: the UNet and CLIP weights) become flat dicts ``{dotted path: array}``. The train state is
+``nnx.Param``: the UNet and CLIP weights) become flat dicts ``{dotted path: array}``. The ``base`` stage
+(training Arc2Face itself) splits with :data:`BASE_TRAINABLE` instead: UNet and text encoder are
+trainable, the token-embedding table frozen. The train state is
 a plain dict pytree::
 
     {"step": int32[], "params": {path: f32}, "opt_state": optax state over params,
@@ -31,7 +33,7 @@ from flax import nnx
 from .config import ModelConfig, OptimConfig, TrainConfig
 
 __all__ = ["TrainModel", "World", "build_world", "make_lr_schedule", "make_optimizer", "init_train_state",
-           "dotted", "trainable_meta", "load_init_params"]
+           "dotted", "trainable_meta", "load_init_params", "BASE_TRAINABLE"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -41,11 +43,35 @@ def dotted(path: tuple) -> str:
 
 
 class TrainModel(nnx.Module):
-    """FaceCrafter (``facecrafter``: UNet with adapters + token encoders) and the frozen ``text_encoder``."""
+    """What one train step runs: the denoiser and the ``text_encoder`` (Arc2Face's identity encoder).
 
-    def __init__(self, facecrafter: nnx.Module, text_encoder: nnx.Module):
-        self.facecrafter = facecrafter
+    The denoiser is ``facecrafter`` (the UNet with control adapters and token encoders; control stages)
+    or ``unet`` (the bare Arc2Face UNet; the ``base`` stage). :meth:`denoise` calls whichever it is.
+    """
+
+    def __init__(self, denoiser: nnx.Module, text_encoder: nnx.Module):
+        from facecrafter_jax.models.facecrafter import FaceCrafter
+
+        if isinstance(denoiser, FaceCrafter):
+            self.facecrafter = denoiser
+        else:
+            self.unet = denoiser
         self.text_encoder = text_encoder
+
+    @property
+    def denoiser(self) -> nnx.Module:
+        return self.facecrafter if hasattr(self, "facecrafter") else self.unet
+
+    def denoise(self, latents, timesteps, context, **inputs):
+        """Noise (or v) prediction; ``inputs`` are FaceCrafter's control arguments (none for the base)."""
+        if inputs and not hasattr(self, "facecrafter"):
+            raise ValueError(f"the base model takes no control inputs, got {sorted(inputs)}")
+        return self.denoiser(latents, timesteps, context, **inputs)
+
+
+BASE_TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("token_embedding")))
+"""Parameters the ``base`` stage trains: every UNet and text-encoder weight except the token-embedding
+table (49408 x D, of which the fixed prompt uses 7 rows; the identity enters as an input embedding)."""
 
 
 @dataclasses.dataclass
@@ -61,7 +87,7 @@ class World:
       vae_scaling_factor, vae_shift_factor: latent scaling of the VAE that made the records.
       vae: the VAE module when one is configured (sample grids), else None.
       meta: the architecture summary stored in checkpoints (trainable names/shapes, frozen-base digest).
-      facecrafter_config: the resolved FaceCrafterConfig.
+      facecrafter_config: the resolved FaceCrafterConfig (None for the ``base`` stage).
     """
 
     graphdef: Any
@@ -74,6 +100,11 @@ class World:
     vae: Any
     meta: dict
     facecrafter_config: Any
+
+    @property
+    def controls(self) -> tuple[str, ...]:
+        """The control modules being trained (empty for the ``base`` stage)."""
+        return tuple(self.facecrafter_config.controls) if self.facecrafter_config is not None else ()
 
     def state_from_flat(self, flat: Mapping[str, jax.Array]) -> nnx.State:
         return nnx.from_flat_state({self.paths[k]: v for k, v in flat.items()})
@@ -175,22 +206,30 @@ def build_world(cfg: TrainConfig, *, load_vae: bool = False) -> World:
     if layers is not None:
         unet.configure_attention(explicit_cross_attention=layers)
 
-    fc_dict = {"controls": list(m.controls), **_plain_dict(m.facecrafter)}
-    fc_cfg = FaceCrafterConfig.from_dict(fc_dict)
-    facecrafter = FaceCrafter(unet, fc_cfg, rngs=nnx.Rngs(m.init_seed + 1))
-    model = TrainModel(facecrafter, text_encoder)
-    graphdef, trainable, frozen, rest = nnx.split(model, AdapterParam, nnx.Param, ...)
+    if cfg.stage == "base":
+        if m.init_from:
+            raise ValueError("model.init_from is for control stages; the base stage starts from model.pretrained "
+                             "or the inline configs")
+        fc_config = None
+        model = TrainModel(unet, text_encoder)
+        graphdef, trainable, frozen, rest = nnx.split(model, BASE_TRAINABLE, nnx.Param, ...)
+    else:
+        fc_dict = {"controls": list(m.controls), **_plain_dict(m.facecrafter)}
+        facecrafter = FaceCrafter(unet, FaceCrafterConfig.from_dict(fc_dict), rngs=nnx.Rngs(m.init_seed + 1))
+        fc_config = facecrafter.config
+        model = TrainModel(facecrafter, text_encoder)
+        graphdef, trainable, frozen, rest = nnx.split(model, AdapterParam, nnx.Param, ...)
     params, p_paths = _flat(trainable)
     frozen_flat, f_paths = _flat(frozen)
     if not params:
-        raise ValueError("the model has no trainable (AdapterParam) parameters")
+        raise ValueError("the model has no trainable parameters")
     scaling = float(vae_cfg.scaling_factor) if vae_cfg is not None else 0.18215
     shift = (float(vae_cfg.shift_factor) if (vae_cfg is not None and vae_cfg.shift_factor is not None) else None)
     meta = {"params": trainable_meta(params), "base": _frozen_digest(frozen_flat),
-            "facecrafter": facecrafter.config.to_dict()}
+            "facecrafter": fc_config.to_dict() if fc_config is not None else None}
     return World(graphdef=graphdef, params=params, frozen=frozen_flat, rest=rest, paths={**p_paths, **f_paths},
                  vae_scaling_factor=scaling, vae_shift_factor=shift, vae=vae, meta=meta,
-                 facecrafter_config=facecrafter.config)
+                 facecrafter_config=fc_config)
 
 
 def random_fill_(module: nnx.Module, seed: int) -> None:

@@ -13,6 +13,10 @@ One step, for a global batch of records (``arcface``, ``landmarks``, ``emotion``
     loss       = mean_i w_i * mean((pred_i - target_i)^2)  +  ad_weight * AD(maps)
     params     = AdamW(clip(grad_params loss))       (only the AdapterParam parameters)
 
+The ``base`` stage (training Arc2Face itself) has no controls: ``conditions`` only drops the identity
+(probability ``conditioning.all_null``, default 0.1), the prediction is the bare UNet's, and UNet plus
+text encoder are trained (so the identity context is computed inside the differentiated function).
+
 Randomness depends on (run seed, step, record id) only, never on a sample's position in the batch, so
 the same global batch gives the same losses on any mesh / process layout (up to the order of float
 sums) and a resumed run repeats an uninterrupted one bit for bit. ``sample_id`` is a 64-bit hash of the
@@ -37,7 +41,8 @@ from .config import TrainConfig
 from .state import World
 
 __all__ = ["sample_ids", "make_noise_schedule", "per_sample_keys", "conditioning_config", "ad_loss_config",
-           "draw_conditioning", "make_train_step", "BATCH_FIELDS"]
+           "draw_conditioning", "make_train_step", "BATCH_FIELDS",
+           "BASE_ID_DROPOUT", "base_id_dropout"]
 
 BATCH_FIELDS = ("image_id", "arcface", "landmarks", "emotion", "latent_moments")
 """Record fields the trainer reads (``image_id`` becomes ``sample_id`` on the host)."""
@@ -101,6 +106,21 @@ def ad_loss_config(cfg: TrainConfig):
                                      "options": dict(cfg.loss.ad_options)})
 
 
+BASE_ID_DROPOUT = 0.1
+"""Default probability that the base stage replaces a sample's identity by the empty prompt."""
+
+
+def base_id_dropout(overrides: Mapping[str, Any]) -> float:
+    """The base stage's identity-dropout probability: ``conditioning.all_null`` (the only key it takes)."""
+    unknown = sorted(set(overrides) - {"all_null"})
+    if unknown:
+        raise ValueError(f"the base stage takes only conditioning.all_null (identity dropout), got {unknown}")
+    p = float(overrides.get("all_null", BASE_ID_DROPOUT))
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"conditioning.all_null must be in [0, 1), got {p}")
+    return p
+
+
 _AD_CAPTURE = {"orthogonality": ("out",), "map_overlap": ("probs",)}
 
 
@@ -119,9 +139,14 @@ def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransforma
     from facecrafter_jax import losses as L
 
     schedule = make_noise_schedule(cfg)
-    controls = tuple(world.facecrafter_config.controls)
-    cond_cfg = conditioning_config(controls, cfg.conditioning)
+    controls = world.controls
+    if controls:
+        cond_cfg = conditioning_config(controls, cfg.conditioning)
+    else:  # base stage: only the identity is dropped (to the empty prompt), for classifier-free guidance
+        p_drop = base_id_dropout(cfg.conditioning)
     ad_weight = float(cfg.loss.ad_weight)
+    if ad_weight > 0 and not controls:
+        raise ValueError("loss.ad_weight > 0 needs control modules (the base stage has none)")
     if ad_weight < 0:
         raise ValueError(f"loss.ad_weight must be >= 0, got {ad_weight}")
     ad_cfg = ad_loss_config(cfg) if ad_weight > 0 else None
@@ -140,25 +165,34 @@ def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransforma
             moments, sub[:, 0])
         noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(sub[:, 1])
         t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(sub[:, 2])
-        cond = draw_conditioning(sub[:, 3], cond_cfg)
+        if controls:
+            cond = draw_conditioning(sub[:, 3], cond_cfg)
+            id_null = cond.id_null
+        else:
+            id_null = jax.vmap(lambda k: jax.random.bernoulli(k, p_drop))(sub[:, 3]).astype(jnp.float32)
         noisy = S.add_noise(schedule, x0, noise, t)
         target = S.training_target(schedule, x0, noise, t)
-
-        # The frozen CLIP encoder turns the stored ArcFace vectors into the Arc2Face identity context.
-        text = world.merge(state["params"], frozen).text_encoder
-        context, inputs = C.apply_conditioning(
-            cond, text.encode_id(batch["arcface"]), text.encode_ids(empty_ids),
-            landmarks=batch["landmarks"] if "landmark" in controls else None,
-            emotion=batch["emotion"] if "emotion" in controls else None)
         weight = S.min_snr_weight(schedule, t, gamma) if gamma is not None else jnp.ones((b,), jnp.float32)
 
         def loss_fn(params):
-            fc = world.merge(params, frozen).facecrafter
+            model = world.merge(params, frozen)
+            # CLIP turns the stored ArcFace vectors into the Arc2Face identity context (frozen in the
+            # control stages, trained in the base stage).
+            text = model.text_encoder
+            id_ctx, empty_ctx = text.encode_id(batch["arcface"]), text.encode_ids(empty_ids)
+            if controls:
+                context, inputs = C.apply_conditioning(
+                    cond, id_ctx, empty_ctx,
+                    landmarks=batch["landmarks"] if "landmark" in controls else None,
+                    emotion=batch["emotion"] if "emotion" in controls else None)
+            else:
+                context = jnp.where(id_null[:, None, None] > 0, jnp.broadcast_to(empty_ctx, id_ctx.shape), id_ctx)
+                inputs = {}
             if ad_cfg is not None:
-                pred, maps = fc.forward_with_maps(noisy, t, context, capture=capture, **inputs)
+                pred, maps = model.facecrafter.forward_with_maps(noisy, t, context, capture=capture, **inputs)
                 ad = L.ad_loss(ad_cfg, maps, C.active_controls(cond))
             else:
-                pred = fc(noisy, t, context, **inputs)
+                pred = model.denoise(noisy, t, context, **inputs)
                 ad = jnp.zeros((), jnp.float32)
             mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
             diffusion = jnp.mean(weight * mse)
@@ -174,7 +208,7 @@ def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransforma
             new["ema"] = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
         metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
                    "timestep_mean": jnp.mean(t.astype(jnp.float32)),
-                   "id_null_frac": jnp.mean(cond.id_null)}
+                   "id_null_frac": jnp.mean(id_null)}
         for c in controls:
             metrics[f"{c}_active_frac"] = jnp.mean(C.active_controls(cond)[c])
         return new, metrics
