@@ -1,10 +1,18 @@
-"""FaceCrafter training: ``python train.py --config configs/NAME.yaml [key=value ...]``.
+"""FaceCrafter training.
 
-Stages (one YAML each): ``stage_a_landmark`` (landmark module alone), ``stage_b_emotion`` (emotion module
-alone), ``stage_c_joint`` (both, initialised from a and b, mixed conditioning + AD loss); ``tiny_cpu`` is a
-random-init toy for tests. Overrides are dotted keys (``optim.lr=1e-4 mesh.fsdp=4``); unknown keys are
-errors. Multi-host: ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``distributed.*`` /
-the ``FACECRAFTER_*`` environment variables) on every process. See docs/training.md.
+``python train.py`` (no arguments)
+    the toy pipeline: renders the toy face world, trains toy analysers, a toy VAE and a toy Arc2Face from
+    scratch, then FaceCrafter's stages a, b, c, samples and evaluates; writes ``runs/toy/report.md``
+    (``configs/toy/pipeline.yaml``; ``facecrafter_jax/toy/pipeline.py``; docs/toy_world.md). Resumable:
+    run it again after an interruption. Options: ``--toy-config F``, ``--until STAGE``, ``key=value``.
+
+``python train.py --config configs/NAME.yaml [key=value ...]``
+    one training stage. Stages (one YAML each): ``stage_a_landmark`` (landmark module alone),
+    ``stage_b_emotion`` (emotion module alone), ``stage_c_joint`` (both, initialised from a and b, mixed
+    conditioning + AD loss); ``tiny_cpu`` is a random-init toy for tests; ``configs/toy/*`` are the toy
+    pipeline's. Overrides are dotted keys (``optim.lr=1e-4 mesh.fsdp=4``); unknown keys are errors.
+    Multi-host: ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``distributed.*`` / the
+    ``FACECRAFTER_*`` environment variables) on every process. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -12,7 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE = """usage: python train.py --config CONFIG.yaml [key=value ...]
+USAGE = """usage: python train.py                      (the toy pipeline, see --toy-help)
+       python train.py --config CONFIG.yaml [key=value ...]
                        [--coordinator HOST:PORT --num-processes N --process-id I] [--print-config]
 
 configs: configs/stage_a_landmark.yaml, configs/stage_b_emotion.yaml, configs/stage_c_joint.yaml,
@@ -23,9 +32,13 @@ example: python train.py --config configs/tiny_cpu.yaml run_dir=/tmp/toy steps=2
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        sys.stderr.write(USAGE)
-        return 2
+    if argv in (["-h"], ["--help"]):
+        sys.stdout.write(USAGE)
+        return 0
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        from facecrafter_jax.toy.pipeline import main as toy_main
+
+        return toy_main(["--help"] if argv == ["--toy-help"] else argv)
     parser = argparse.ArgumentParser(prog="train.py", usage=USAGE)
     parser.add_argument("--config", required=True, help="YAML config of the stage")
     parser.add_argument("--coordinator", help="jax.distributed coordinator address HOST:PORT")

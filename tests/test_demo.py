@@ -1,4 +1,4 @@
-"""The README's main command (the backbone demo) runs end to end and agrees with diffusers."""
+"""The backbone demo (`python -m facecrafter_jax.demo`) runs end to end and agrees with diffusers."""
 
 import json
 

@@ -120,7 +120,7 @@ def test_export_base_run_reproduces_the_trained_model(tmp_path):
     assert not np.array_equal(init.latents, ours)
 
 
-def test_export_control_run_and_errors(tmp_path):
+def test_export_control_run_and_errors(tmp_path, monkeypatch):
     from facecrafter_jax.convert.cli import main as convert_main
     from facecrafter_jax.pretrained import load_pretrained
     from facecrafter_jax.train.checkpoint import load_trained_params
@@ -129,7 +129,8 @@ def test_export_control_run_and_errors(tmp_path):
     cfg = load_config(CONFIG, [f"run_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}", "steps=2",
                                "data.synthetic.num_records=16", "checkpoint.async_save=false"])
     Trainer(cfg).run()
-    assert convert_main(["from-run", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    monkeypatch.chdir(tmp_path)  # relative paths, as the toy pipeline's default runs/toy uses
+    assert convert_main(["from-run", "run", "out"]) == 0
     pre = load_pretrained(str(tmp_path / "out"), components=("unet", "text_encoder", "adapters"))
     ema, _ = load_trained_params(tmp_path / "run")
     t = Trainer(cfg)

@@ -8,6 +8,10 @@
 [--test 1000] [--steps 1500] [--seed 0]``
     renders a training set and a fresh test set, trains the toy analysers, prints and stores their
     accuracy on the fresh renders (``config.json`` next to ``model.safetensors``).
+
+``python -m facecrafter_jax.toy ablation [--variants joint,no_ad,ad_map_overlap,no_mixed] [--docs docs] [key=value ...]``
+    after ``python train.py`` (the toy pipeline): retrains stage c per variant and compares them
+    (:mod:`facecrafter_jax.toy.ablation`).
 """
 
 from __future__ import annotations
@@ -90,6 +94,13 @@ def main(argv=None) -> None:
     a.add_argument("--test", type=int, default=1000)
     a.add_argument("--steps", type=int, default=1500)
     a.add_argument("--seed", type=int, default=0)
+    sub.add_parser("ablation", help="stage-c ablation on a finished toy pipeline (see facecrafter_jax.toy.ablation)",
+                   add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "ablation":
+        from .ablation import main as ablation_main
+
+        sys.exit(ablation_main(argv[1:]))
     args = p.parse_args(argv)
     {"sheets": _sheets, "analysers": _analysers}[args.cmd](args)
 

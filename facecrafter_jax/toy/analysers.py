@@ -396,7 +396,7 @@ def _shift(batch: dict[str, np.ndarray], rng: np.random.Generator, max_shift: in
 
 
 def train_analysers(images, targets: Mapping[str, np.ndarray], config: AnalyserConfig | None = None, *,
-                    log_every: int = 0, logger: Callable[[str], None] | None = None
+                    log_every: int = 0, logger: Callable[[str], None] | None = None, progress: bool = False
                     ) -> tuple[ToyAnalysers, list[dict[str, float]]]:
     """Trains the analyser network (identity, pose / landmark and emotion heads) on rendered images.
 
@@ -404,7 +404,7 @@ def train_analysers(images, targets: Mapping[str, np.ndarray], config: AnalyserC
     ``landmarks`` [N, 478, 3], ``emotion`` [N, 10] (the record fields, e.g. ``ToyBatch.features`` plus
     ``ToyBatch.attributes.identity``). Minibatches are drawn without replacement per epoch with a generator
     seeded by ``config.seed``. Returns the analysers and a list of logged metric dicts (every ``log_every``
-    steps and at the end).
+    steps and at the end). ``progress``: a tqdm bar (desc ``analysers``) with the loss.
     """
     cfg = config or AnalyserConfig()
     n = _check_training_data(images, targets, cfg)
@@ -414,7 +414,8 @@ def train_analysers(images, targets: Mapping[str, np.ndarray], config: AnalyserC
             "emotion": np.asarray(targets["emotion"], np.float32)}
     model = AnalyserNet(cfg, rngs=nnx.Rngs(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, 2),
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(min(cfg.warmup_steps, cfg.steps // 2), 1),
+                                               max(cfg.steps, 2),
                                                end_value=cfg.lr * 0.02)
     tx = optax.adamw(sched, weight_decay=cfg.weight_decay)
     opt_state = tx.init(params)
@@ -432,6 +433,11 @@ def train_analysers(images, targets: Mapping[str, np.ndarray], config: AnalyserC
     perm, pos = rng.permutation(n), 0
     history: list[dict[str, float]] = []
     t0 = time.time()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="analysers", unit="step", dynamic_ncols=True)
     for it in range(1, cfg.steps + 1):
         if pos + cfg.batch_size > n:
             perm, pos = rng.permutation(n), 0
@@ -443,12 +449,18 @@ def train_analysers(images, targets: Mapping[str, np.ndarray], config: AnalyserC
         if cfg.shift_augment:
             _shift(batch, rng, cfg.shift_augment)
         params, opt_state, metrics = step(params, opt_state, batch)
+        if bar is not None:
+            bar.update(1)
+            if it % 25 == 0 or it == cfg.steps:
+                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
         if (log_every and it % log_every == 0) or it == cfg.steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             m.update(step=it, seconds=time.time() - t0)
             history.append(m)
             if logger:
                 logger(" ".join(f"{k}={v:.4g}" for k, v in m.items()))
+    if bar is not None:
+        bar.close()
     nnx.update(model, params)
     return ToyAnalysers(cfg, model), history
 

@@ -430,7 +430,8 @@ def write_records(out_dir: str | os.PathLike, image_ids, features: Mapping[str, 
     """Writes one record per sample with :class:`~facecrafter_jax.data.records.RecordWriter`.
 
     ``features`` holds ``arcface``, ``landmarks``, ``head_pose``, ``emotion`` (as from
-    :meth:`ToyWorld.features`), ``latent_moments`` is [N, R/8, R/8, 8] (VAE mean then logvar). Returns the
+    :meth:`ToyWorld.features`), ``latent_moments`` is [N, S, S, 8] (VAE mean then logvar; S = R / 8 for the SD
+    VAE, R / 4 for the toy VAE; stored as the dataset's ``latent_side``). Returns the
     number of records written. Appends to an existing dataset of the same resolution / latent dtype.
     """
     from ..data.records import RecordWriter
@@ -445,7 +446,8 @@ def write_records(out_dir: str | os.PathLike, image_ids, features: Mapping[str, 
             raise ValueError(f"features lack field {k!r}")
         if np.shape(features[k])[0] != n:
             raise ValueError(f"features[{k!r}] has {np.shape(features[k])[0]} rows, image_ids {n}")
-    with RecordWriter(out_dir, resolution, shard_size, latent_dtype=latent_dtype, metadata=metadata) as w:
+    with RecordWriter(out_dir, resolution, shard_size, latent_dtype=latent_dtype, metadata=metadata,
+                      latent_side=lat.shape[1]) as w:
         for i in range(n):
             w.write({"image_id": ids[i], "arcface": features["arcface"][i], "landmarks": features["landmarks"][i],
                      "head_pose": features["head_pose"][i], "emotion": features["emotion"][i],

@@ -198,7 +198,7 @@ class Checkpointer:
 def find_step_dir(path: str | os.PathLike) -> Path:
     """A run directory, its ``checkpoints`` folder, or one step folder -> the step folder to read
     (the latest committed step)."""
-    p = Path(path)
+    p = Path(path).resolve()  # orbax reads metadata only through absolute paths
     if (p / "state").is_dir() and (p / "meta").is_dir():
         return p
     if (p / "checkpoints").is_dir():

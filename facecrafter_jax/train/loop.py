@@ -261,8 +261,12 @@ class Trainer:
         else:
             self.state = self.fresh_state()
             self.restored_step = None
-        self.compile()
-        return int(np.asarray(self.state["step"]))
+        start = int(np.asarray(self.state["step"]))
+        if start < cfg.steps:
+            self.compile()
+        else:  # a finished run (e.g. re-run by the toy pipeline): nothing to compile
+            self.compile_seconds, self.step_flops = 0.0, None
+        return start
 
     def run(self) -> dict:
         import jax

@@ -1,0 +1,76 @@
+"""The toy pipeline (``python train.py`` with no arguments) end to end at a tiny size: every stage runs,
+writes its done record and its outputs (records, converted folders that load, report with every set, images);
+running again skips every stage; an interrupted pipeline continues at the first unfinished stage; another
+config in the same folder is an error naming the key. (The full-size run and its numbers: docs/results.md.)"""
+
+import json
+
+import numpy as np
+import pytest
+
+from facecrafter_jax.toy.pipeline import STAGE_NAMES, ToyPipeline, load_pipeline_config
+from facecrafter_jax.train.config import ConfigError
+from facecrafter_jax.train.testing import REPO
+
+TINY = ["train_images=96", "test_images=32", "world.num_identities=6", "analysers.steps=6", "vae.steps=4",
+        "vae.stats_images=64", "stages.base.steps=3", "stages.landmark.steps=2", "stages.emotion.steps=2",
+        "stages.joint.steps=2", "evaluation.identities=3", "evaluation.per_identity=2", "evaluation.num_steps=2",
+        "evaluation.batch_size=8"]
+
+
+def _cfg(out, *extra):
+    return load_pipeline_config(str(REPO / "configs" / "toy" / "pipeline.yaml"), [f"out={out}", *TINY, *extra])
+
+
+def test_toy_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # stage configs are repository paths
+    out = tmp_path / "toy"
+    logs = []
+    p = ToyPipeline(_cfg(out), log=logs.append)
+    p.run(until="records")
+    assert [n for n in STAGE_NAMES if p.done(n)] == ["render", "analysers", "vae", "records"]
+
+    logs.clear()
+    p = ToyPipeline(_cfg(out), log=logs.append)  # a new process would do the same: continue after records
+    results = p.run()
+    assert all(p.done(n) for n in STAGE_NAMES)
+    assert sum("skipped" in line for line in logs) == 4
+
+    # outputs
+    from facecrafter_jax.data import records as R
+    from facecrafter_jax.pretrained import read_manifest
+
+    info = R.read_dataset_info(out / "data" / "records")
+    assert info["num_records"] == 96 and info["latent_side"] == 16
+    assert set(read_manifest(str(out / "base_model"))["components"]) == {"unet", "text_encoder", "vae"}
+    assert set(read_manifest(str(out / "facecrafter"))["components"]) == {"unet", "text_encoder", "vae", "adapters"}
+    report = json.loads((out / "report.json").read_text())
+    sets = [r["set"] for r in report["rows"]]
+    assert sets[0].startswith("real renders") and "joint: ID+LMK+EMO" in sets and len(sets) == 8
+    for r in report["rows"]:
+        assert 0.0 <= r["id_top1"] <= 1.0 and 0.0 <= r["emotion_acc"] <= 1.0 and r["pose_mae_deg"] >= 0.0
+        assert np.isfinite(r["fd"]) and r["n"] == 6
+    md = (out / "report.md").read_text()
+    for s in sets:
+        assert f"| {s} |" in md
+    for img in ("comparison.png", "emotion_sweep.png", "pose_sweep.png"):
+        assert (out / "images" / img).stat().st_size > 1000
+    assert results["joint"]["result"]["steps"] == 2
+
+    # everything done: a third run only skips
+    logs.clear()
+    ToyPipeline(_cfg(out), log=logs.append).run()
+    assert sum("skipped" in line for line in logs) == len(STAGE_NAMES)
+
+    # another config in the same folder
+    with pytest.raises(ConfigError, match="stages.base.steps"):
+        ToyPipeline(_cfg(out, "stages.base.steps=5"), log=logs.append).run()
+
+
+def test_pipeline_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="'evaluation.per_identity'"):
+        _cfg(tmp_path, "evaluation.per_identity=1")
+    with pytest.raises(ConfigError, match="stages.joint.stepz"):
+        _cfg(tmp_path, "stages.joint.stepz=1")
+    with pytest.raises(ValueError, match="unknown stage"):
+        ToyPipeline(_cfg(tmp_path)).run(until="nope")
