@@ -206,7 +206,9 @@ class ToyPipeline:
                 self.log(f"[toy {i}/{len(STAGE_NAMES)}] {name}: finished in {seconds:.0f} s")
             results[name] = rec
             if name == until:
-                break
+                self.log(f"[toy] stopped after stage {name} ({time.perf_counter() - t_all:.0f} s this run); "
+                         "run again without --until to continue")
+                return results
         self.log(f"[toy] all stages done ({time.perf_counter() - t_all:.0f} s this run); report: "
                  f"{self.out / 'report.md'}")
         return results
