@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import jax
@@ -104,12 +104,9 @@ class AnalyserConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "AnalyserConfig":
         """From a mapping (e.g. ``yaml.safe_load`` output or ``config.json``); unknown keys are an error."""
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown analyser config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        from .world import checked_config_dict
+
+        return cls(**checked_config_dict(cls, d, "analyser"))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import jax
@@ -67,7 +67,7 @@ class VAETrainConfig:
     latent_channels: int = 4
     norm_num_groups: int = 8
     mid_block_add_attention: bool = False
-    steps: int = 2000
+    steps: int = 1800
     batch_size: int = 8
     lr: float = 3e-3
     warmup: int = 50
@@ -81,7 +81,7 @@ class VAETrainConfig:
     zero_init_residual: bool = True
     logvar_init: float = -6.0
     crop_size: int = 32
-    stats_images: int = 512
+    stats_images: int = 256
     seed: int = 0
 
     def __post_init__(self):
@@ -118,12 +118,9 @@ class VAETrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "VAETrainConfig":
         """From a mapping (YAML / JSON); an unknown key raises ``ValueError`` naming it."""
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        for k in d:
-            if k not in known:
-                raise ValueError(f"unknown VAE training config key {k!r}; known: {sorted(known)}")
-        return cls(**d)
+        from .world import checked_config_dict
+
+        return cls(**checked_config_dict(cls, d, "VAE training"))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

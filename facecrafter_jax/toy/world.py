@@ -86,6 +86,17 @@ _GLASSES_COLOURS = np.array([[0.05, 0.05, 0.05], [0.35, 0.2, 0.1], [0.8, 0.65, 0
                              [0.6, 0.1, 0.12]])
 
 
+def checked_config_dict(cls, d: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """``dict(d)`` after checking every key is a field of dataclass ``cls`` (else a ValueError naming the
+    unknown keys of the ``what`` config); shared by the toy world, analyser and VAE configs."""
+    d = dict(d or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} config key(s) {unknown}; known: {sorted(known)}")
+    return d
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     """Distributions of the toy world. Angles in degrees; every random draw derives from ``seed``.
@@ -142,11 +153,7 @@ class WorldConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "WorldConfig":
         """Builds a config from a mapping (e.g. ``yaml.safe_load`` output); unknown keys are an error."""
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown toy world config key(s) {unknown}; known: {sorted(known)}")
+        d = checked_config_dict(cls, d, "toy world")
         if "emotion_weights" in d:
             d["emotion_weights"] = tuple(d["emotion_weights"])
         return cls(**d)
