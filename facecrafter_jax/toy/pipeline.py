@@ -22,7 +22,6 @@ different config in the same ``out`` is an error naming the first differing key 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from facecrafter_jax.train.config import ConfigError, from_dict, load_config, to_dict, to_yaml
+from facecrafter_jax.train.config import ConfigError, load_config, to_dict, to_yaml
 
 __all__ = ["StageSpec", "Stages", "EvaluationConfig", "ToyPipelineConfig", "STAGE_NAMES", "load_pipeline_config",
            "ToyPipeline", "main"]

@@ -219,8 +219,6 @@ def evaluate_pipeline(p) -> dict[str, Any]:
     save_png(contact_sheet(_upscale(grid), len(cols)), img_dir / "comparison.png")
 
     # emotion sweep of the joint model (ID+EMO): 4 identities x 8 emotions at full intensity
-    from .world import EMOTION_CLASSES
-
     joint = pipes["joint"]
     ids4 = np.unique(cond["identity"])[:4]
     sweep = Conditions(identity=np.repeat(ids4, 8).astype(np.int32),
