@@ -28,7 +28,7 @@ from . import landmarks as L
 from .render import FaceParams, render_faces
 
 __all__ = [
-    "EMOTION_CLASSES", "VALENCE_AROUSAL", "EMOTION_EXPRESSIONS", "HAIR_STYLES", "WorldConfig", "Identities",
+    "EMOTION_CLASSES", "SCENES", "VALENCE_AROUSAL", "EMOTION_EXPRESSIONS", "HAIR_STYLES", "WorldConfig", "Identities",
     "Attributes", "ToyBatch", "ToyWorld", "emotion_vectors", "write_records", "ARCFACE_DIM",
 ]
 
@@ -73,6 +73,14 @@ EMOTION_EXPRESSIONS = np.stack([
 ])
 EMOTION_EXPRESSIONS.setflags(write=False)
 
+SCENES = ("varied", "studio")
+# The studio scene: background gradient, light (unit vector, from above-left of the camera), ambient, brightness.
+STUDIO_BG_TOP = np.array([0.62, 0.66, 0.72])
+STUDIO_BG_BOTTOM = np.array([0.48, 0.52, 0.58])
+STUDIO_LIGHT_AZ_EL = (-20.0, 25.0)
+STUDIO_AMBIENT = 0.55
+STUDIO_BRIGHTNESS = 1.0
+
 HAIR_STYLES = ("short", "medium", "long", "fringe", "balding", "buzz")
 _HAIR_STYLE_P = (0.28, 0.2, 0.22, 0.14, 0.08, 0.08)
 _SKIN_TONES = np.array([[0.98, 0.85, 0.75], [0.9, 0.7, 0.56], [0.74, 0.52, 0.38], [0.52, 0.34, 0.24],
@@ -107,6 +115,12 @@ class WorldConfig:
     1), each expression coefficient gets N(0, expression_jitter) noise. ``gaze_std`` (units of
     :func:`~.landmarks.face_points`), ``center_jitter`` (image units) and ``scale_jitter`` (relative) move
     the eyes and the face in the frame.
+
+    ``scene``: ``"varied"`` draws background colours, clothing colour, lighting and the body offset per
+    sample (nuisance the conditions do not describe); ``"studio"`` fixes the background, lighting and body
+    offset and gives each identity its own clothing colour, so an image is determined by identity, pose,
+    expression and gaze alone - the attributes FaceCrafter conditions on. The random draws are the same in
+    both, so a sample's identity, pose and emotion do not depend on ``scene``.
     """
 
     num_identities: int = 256
@@ -128,8 +142,11 @@ class WorldConfig:
     scale_jitter: float = 0.03
     p_glasses: float = 0.15
     p_beard: float = 0.2
+    scene: str = "varied"
 
     def __post_init__(self):
+        if self.scene not in SCENES:
+            raise ValueError(f"scene must be one of {SCENES}, got {self.scene!r}")
         if not isinstance(self.num_identities, int) or self.num_identities < 1:
             raise ValueError(f"num_identities must be a positive int, got {self.num_identities!r}")
         if not isinstance(self.resolution, int) or self.resolution < 16 or self.resolution % 8:
@@ -329,6 +346,12 @@ class ToyWorld:
         arrays["hair_style"] = arrays["hair_style"].astype(np.int64)
         self.identities = Identities(**arrays)
 
+    def studio_clothing(self) -> np.ndarray:
+        """[I, 3] clothing colour of each identity in the studio scene (its own stream per identity)."""
+        c = self.config
+        hsv = np.array([np.random.default_rng([c.seed, 5, i]).random(3) for i in range(c.num_identities)])
+        return _hsv_to_rgb(hsv[:, 0], 0.1 + 0.7 * hsv[:, 1], 0.15 + 0.75 * hsv[:, 2])
+
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, seed: int, *, identity=None, emotion=None, head_pose=None,
                intensity=None) -> Attributes:
@@ -382,6 +405,13 @@ class ToyWorld:
         bg_bottom = np.clip(bg_top * rng.uniform(0.6, 1.1, (n, 1)), 0, 1)
         clothing = _hsv_to_rgb(rng.random(n), rng.uniform(0.1, 0.8, n), rng.uniform(0.15, 0.9, n))
         body_dx = np.clip(rng.normal(0.0, 0.02, n), -0.06, 0.06)
+        if c.scene == "studio":
+            az, el = np.deg2rad(STUDIO_LIGHT_AZ_EL)
+            light = np.broadcast_to([np.sin(az) * np.cos(el), -np.sin(el), np.cos(az) * np.cos(el)], (n, 3)).copy()
+            ambient, brightness = np.full(n, STUDIO_AMBIENT), np.full(n, STUDIO_BRIGHTNESS)
+            bg_top, bg_bottom = np.tile(STUDIO_BG_TOP, (n, 1)), np.tile(STUDIO_BG_BOTTOM, (n, 1))
+            clothing = self.studio_clothing()[ids]
+            body_dx = np.zeros(n)
         return Attributes(identity=ids, head_pose=pose, emotion=emo, intensity=k, expression=expr, gaze=gaze,
                           center=center, scale=scale, light_dir=light, ambient=ambient, brightness=brightness,
                           bg_top=bg_top, bg_bottom=bg_bottom, clothing=clothing, body_dx=body_dx)
