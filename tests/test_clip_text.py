@@ -171,6 +171,34 @@ def test_encode_id_matches_official_arc2face_procedure(ckpt, model):
     assert diff[tokens.ID_TOKEN_POSITION:].min() > 1e-4
 
 
+def test_short_context_encoder_cuts_the_padding_exactly(ckpt, tmp_path):
+    """A CLIP with 8 positions (the toy Arc2Face) takes the 77-id prompts: the padded tail is cut, and its
+    outputs equal the first 8 positions of the 77-position model (causal mask) and transformers' short model."""
+    tm = ckpt["torch"]
+    cfg = TorchCLIPTextConfig(**{**tm.config.to_dict(), "max_position_embeddings": 8})
+    short = TorchCLIPTextModel(cfg).eval()
+    sd = {k: v.clone() for k, v in tm.state_dict().items()}
+    sd["text_model.embeddings.position_embedding.weight" if "text_model.embeddings.position_embedding.weight" in sd
+       else "embeddings.position_embedding.weight"] = tm.embeddings.position_embedding.weight[:8].detach().clone()
+    sd = {k: v for k, v in sd.items() if "position_ids" not in k}
+    short.load_state_dict(sd)
+    short.save_pretrained(tmp_path)
+    model = load_text_encoder(str(tmp_path))
+    arc = np.random.default_rng(3).standard_normal((2, 48)).astype(np.float32)
+    arc_t = torch.from_numpy(arc)
+    ref = arc2face_reference(tm, arc_t / torch.norm(arc_t, dim=1, keepdim=True)).numpy()[:, :8]
+    out = np.asarray(model.encode_id(arc))
+    assert out.shape == (2, 8, HIDDEN)
+    assert np.abs(out - ref).max() <= TOL
+    with torch.no_grad():
+        ref_ids = short(torch.from_numpy(prompt_ids()[:, :8].astype(np.int64))).last_hidden_state.numpy()
+    assert np.abs(np.asarray(model.encode_ids(prompt_ids())) - ref_ids).max() <= TOL
+    ids = prompt_ids().copy()
+    ids[0, 20] = 1125  # a real token beyond the context: not padding, not cut
+    with pytest.raises(ValueError, match="max_position_embeddings=8"):
+        model.encode_ids(ids)
+
+
 def test_encode_id_errors(model):
     with pytest.raises(ValueError, match="exceeds the text encoder hidden_size"):
         model.encode_id(np.ones((1, HIDDEN + 1), np.float32))

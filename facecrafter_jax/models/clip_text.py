@@ -316,9 +316,23 @@ class CLIPTextModel(nnx.Module):
             tok = jnp.where((ids == _tokens.ID_TOKEN_ID)[..., None], id_vectors[:, None, :], tok)
         return self._encode(tok)
 
+    def _cut_padding(self, input_ids):
+        """Ids longer than ``max_position_embeddings`` whose tail beyond it is only padding (with an EOS
+        kept) are cut to ``max_position_embeddings``: under the causal mask the kept positions' states are
+        exactly those of the full sequence. This lets a short-context encoder (the toy Arc2Face, 8
+        positions) take the standard 77-id prompts; anything else longer than the context is an error."""
+        n = self.config.max_position_embeddings
+        if input_ids.shape[-1] <= n or not _is_concrete(input_ids):
+            return input_ids
+        ids = np.asarray(input_ids)
+        if ids.ndim == 2 and np.all(ids[:, n:] == _tokens.PAD_TOKEN_ID) and np.all(np.any(ids[:, :n] == _tokens.EOS_TOKEN_ID, axis=1)):
+            return ids[:, :n]
+        return input_ids
+
     def _check_ids(self, input_ids) -> jax.Array:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        input_ids = self._cut_padding(input_ids)
         self._check_len(input_ids.shape[1])
         if _is_concrete(input_ids):
             ids = np.asarray(input_ids)
@@ -331,6 +345,9 @@ class CLIPTextModel(nnx.Module):
     def encode_ids(self, input_ids: jax.Array) -> jax.Array:
         """Plain prompt encoding: ``input_ids`` [B, L] (L <= max_position_embeddings) -> ``last_hidden_state`` [B, L, D].
 
+        Longer ids whose tail is only padding are cut to ``max_position_embeddings`` (exact under the
+        causal mask; see :meth:`_cut_padding`), so ``L`` is then the model's context length.
+
         Equals transformers' ``CLIPTextModel(input_ids).last_hidden_state``. For Arc2Face's
         classifier-free guidance the negative is ``encode_ids(tokens.EMPTY_PROMPT_IDS[None])``.
         """
@@ -339,7 +356,8 @@ class CLIPTextModel(nnx.Module):
     __call__ = encode_ids
 
     def encode_id(self, arcface: jax.Array, *, input_ids: jax.Array | None = None, normalize: bool = True) -> jax.Array:
-        """Arc2Face identity conditioning: ArcFace embeddings ``[B, d]`` -> ``[B, 77, D]``.
+        """Arc2Face identity conditioning: ArcFace embeddings ``[B, d]`` -> ``[B, 77, D]`` (``[B, L, D]`` for a
+        short-context encoder with ``max_position_embeddings = L < 77``: the padded tail is cut).
 
         The token embedding at every position holding :data:`~facecrafter_jax.tokens.ID_TOKEN_ID`
         in ``input_ids`` (default: ``"photo of a id person"`` padded to 77,
