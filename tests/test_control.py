@@ -225,6 +225,31 @@ def test_all_off_is_exactly_the_base_unet():
     np.testing.assert_array_equal(np.asarray(eager), np.asarray(model.unet(x, T, ctx)))
 
 
+def test_zero_value_init_starts_as_the_base_unet_and_learns():
+    """adapter_value_init=zeros: to_v_c = 0, to_k_c still copies; with every control on, the output is
+    exactly the base UNet's; the value projections get a non-zero gradient (the branch can grow)."""
+    cfg = FaceCrafterConfig(landmark_tokens=3, emotion_tokens=2, landmark_hidden_dim=32, emotion_hidden_dim=16,
+                            adapter_value_init="zeros")
+    assert FaceCrafterConfig.from_json(cfg.to_json()) == cfg
+    model = _model(config=cfg, perturb=False)
+    x, ctx, lmk, emo = _inputs()
+    np.testing.assert_array_equal(np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "emotion": emo})),
+                                  np.asarray(_run_base(model.unet, x, T, ctx)))
+    attn = model.unet.cross_attention_layers()[0]
+    assert not np.any(np.asarray(attn.to_v_c["landmark"].kernel[...]))
+    np.testing.assert_array_equal(np.asarray(attn.to_k_c["landmark"].kernel[...]), np.asarray(attn.to_k.kernel[...]))
+
+    def loss(m):
+        return jnp.mean(m(x, T, ctx, landmarks=lmk, emotion=emo) ** 2)
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, AdapterParam))(model)
+    g = nnx.to_flat_state(grads)
+    gv = [float(jnp.abs(v.get_value()).max()) for k, v in g if "to_v_c" in k]
+    assert gv and min(gv) > 0
+    with pytest.raises(ValueError, match="adapter_value_init"):
+        FaceCrafterConfig(adapter_value_init="ones")
+
+
 def test_masks_remove_a_condition_per_sample():
     model = _model()
     x, ctx, lmk, emo = _inputs()

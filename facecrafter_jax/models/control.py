@@ -48,6 +48,7 @@ __all__ = [
     "ControlTokenEncoder",
     "control_features",
     "add_control_adapters",
+    "ADAPTER_VALUE_INITS",
     "count_params",
 ]
 
@@ -190,7 +191,10 @@ def _check_name(name) -> str:
     return name
 
 
-def add_control_adapters(unet, names: Iterable[str]) -> None:
+ADAPTER_VALUE_INITS = ("copy", "zeros")
+
+
+def add_control_adapters(unet, names: Iterable[str], *, value_init: str = "copy") -> None:
     """Install decoupled key/value projections for ``names`` in every cross-attention layer of ``unet``.
 
     Each ``attn2`` gains ``to_k_c[name]`` and ``to_v_c[name]`` (:class:`AdapterLinear`, no bias when the
@@ -198,7 +202,14 @@ def add_control_adapters(unet, names: Iterable[str]) -> None:
     initialisation a control branch attends like the identity branch, to the control tokens. Works on
     a loaded (converted) UNet; calling it again with new names adds them (stage a, then stage b).
     Adapters compute in the layer's dtype. Raises if a name is already installed.
+
+    ``value_init="zeros"`` starts every ``to_v_c`` at zero instead (``to_k_c`` still a copy): a new branch
+    then adds exactly nothing and grows only where it lowers the loss, instead of first having to undo the
+    perturbation a copied value projection adds (the toy pipeline's short adapter stages use it; IP-Adapter
+    and the paper copy).
     """
+    if value_init not in ADAPTER_VALUE_INITS:
+        raise ValueError(f"add_control_adapters: value_init must be one of {ADAPTER_VALUE_INITS}, got {value_init!r}")
     names = [_check_name(n) for n in names]
     if not names:
         raise ValueError("add_control_adapters: no control names given")
@@ -229,3 +240,8 @@ def add_control_adapters(unet, names: Iterable[str]) -> None:
         for n in names:
             attn.to_k_c[n] = copy(attn.to_k)
             attn.to_v_c[n] = copy(attn.to_v)
+            if value_init == "zeros":
+                v = attn.to_v_c[n]
+                v.kernel.set_value(jnp.zeros_like(v.kernel.get_value()))
+                if v.bias is not None:
+                    v.bias.set_value(jnp.zeros_like(v.bias.get_value()))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import AttentionProbs, BranchOutputs
-from .control import CONTROL_INPUT_DIMS, ControlTokenEncoder, add_control_adapters
+from .control import ADAPTER_VALUE_INITS, CONTROL_INPUT_DIMS, ControlTokenEncoder, add_control_adapters
 
 __all__ = ["FaceCrafterConfig", "FaceCrafter", "collect_control_maps", "adapter_key_map", "export_adapter_state",
            "load_adapter_state", "parameter_report"]
@@ -46,6 +46,9 @@ class FaceCrafterConfig:
     ``controls`` is any non-empty subset of ``("landmark", "emotion")`` (one of them for the
     single-module pre-training stages). ``cross_attention_dim`` is the token width D; None takes the
     UNet's when the model is built (the saved config always holds the resolved value).
+    ``adapter_value_init``: ``"copy"`` (IP-Adapter: ``to_v_c`` starts as a copy of ``to_v``) or ``"zeros"``
+    (the branch starts as exactly nothing; :func:`~facecrafter_jax.models.control.add_control_adapters`).
+    It only matters when adapters are created, not when trained ones are loaded.
     """
 
     controls: tuple[str, ...] = ("landmark", "emotion")
@@ -54,8 +57,12 @@ class FaceCrafterConfig:
     landmark_hidden_dim: int = 1024
     emotion_hidden_dim: int = 512
     cross_attention_dim: int | None = None
+    adapter_value_init: str = "copy"
 
     def __post_init__(self):
+        if self.adapter_value_init not in ADAPTER_VALUE_INITS:
+            raise ValueError(f"FaceCrafterConfig.adapter_value_init must be one of {ADAPTER_VALUE_INITS}, "
+                             f"got {self.adapter_value_init!r}")
         controls = tuple(self.controls) if isinstance(self.controls, (list, tuple)) else self.controls
         if not isinstance(controls, tuple) or not controls:
             raise ValueError(f"FaceCrafterConfig.controls must be a non-empty list, got {self.controls!r}")
@@ -138,7 +145,7 @@ class FaceCrafter(nnx.Module):
         if extra:
             raise ValueError(f"FaceCrafter: the UNet already has adapters {extra} not in config.controls {list(config.controls)}")
         if missing:
-            add_control_adapters(unet, missing)
+            add_control_adapters(unet, missing, value_init=config.adapter_value_init)
         self.config = config
         self.dtype = dtype
         self.unet = unet
