@@ -9,7 +9,7 @@ import pytest
 
 from facecrafter_jax.convert.weights import WeightConversionError
 from facecrafter_jax.toy.analysers import (AnalyserConfig, ToyAnalysers, _auc, _ccc, evaluate_analysers,
-                                           landmark_nme, train_analysers)
+                                           gaussian_blur, landmark_nme, train_analysers)
 from facecrafter_jax.toy.world import ToyWorld, WorldConfig
 
 N_ID = 12
@@ -96,6 +96,21 @@ def test_metric_helpers_against_brute_force():
     iod = np.linalg.norm(t[:, 33, :2] - t[:, 263, :2], axis=1)
     ref = np.array([np.mean([np.hypot(*(p[i, j] - t[i, j, :2])) for j in range(478)]) / iod[i] for i in range(3)])
     np.testing.assert_allclose(landmark_nme(p, t), ref, rtol=1e-12)
+
+
+def test_blur_augmentation_matches_scipy():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (2, 20, 24, 3)).astype(np.uint8)
+    for sigma in (1.0, 2.0):  # radius ceil(3 sigma) = scipy's int(3 sigma + 0.5) for these
+        ours = gaussian_blur(images[:1], np.array([sigma]))[0]
+        ref = gaussian_filter(images[0].astype(np.float64), sigma=(sigma, sigma, 0), mode="nearest", truncate=3.0)
+        np.testing.assert_allclose(ours, ref, atol=1e-3)
+    mixed = gaussian_blur(images, np.array([1.0, 0.0]))  # sigma 0: the image unchanged
+    np.testing.assert_allclose(mixed[1], images[1], atol=1e-4)
+    with pytest.raises(ValueError, match="blur_augment"):
+        AnalyserConfig(blur_augment=-1.0)
 
 
 def test_bad_inputs_are_named():

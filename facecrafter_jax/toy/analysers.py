@@ -38,7 +38,7 @@ from ..data.records import EMOTION_CLASSES, NUM_LANDMARKS
 
 __all__ = [
     "AnalyserConfig", "Backbone", "AnalyserNet", "ToyAnalysers",
-    "train_analysers", "evaluate_analysers", "landmark_nme", "POSE_SCALE_DEG",
+    "train_analysers", "evaluate_analysers", "landmark_nme", "gaussian_blur", "POSE_SCALE_DEG",
 ]
 
 POSE_SCALE_DEG = 30.0  # pose targets are divided by this
@@ -59,6 +59,9 @@ class AnalyserConfig:
     landmark and valence / arousal squared errors, so that every task gets its share of the shared trunk. ``flip_augment`` mirrors a
     random half of every minibatch (image, landmarks via :data:`~.landmarks.MIRROR`, yaw and roll negated);
     ``shift_augment`` translates every image by up to that many pixels (edges replicated, landmarks moved along).
+    ``blur_augment`` > 0 blurs a random half of every minibatch with a Gaussian of sigma ~ U(0.3, blur_augment)
+    pixels (separable, edges replicated): the analysers then read generated images, which are softer than the
+    renders, as real ArcFace / EmoNet read imperfect photos (0 = off).
     """
 
     num_identities: int = 256
@@ -80,6 +83,7 @@ class AnalyserConfig:
     va_weight: float = 5.0
     flip_augment: bool = True
     shift_augment: int = 3
+    blur_augment: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -98,6 +102,8 @@ class AnalyserConfig:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if not isinstance(self.shift_augment, int) or self.shift_augment < 0:
             raise ValueError(f"shift_augment must be a non-negative int, got {self.shift_augment!r}")
+        if not float(self.blur_augment) >= 0:
+            raise ValueError(f"blur_augment must be >= 0, got {self.blur_augment!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
 
@@ -392,6 +398,39 @@ def _shift(batch: dict[str, np.ndarray], rng: np.random.Generator, max_shift: in
     batch["landmarks"] = batch["landmarks"] + np.concatenate([d[:, None, :] / r, np.zeros((n, 1, 1))], -1).astype(np.float32)
 
 
+def gaussian_blur(images: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Separable Gaussian blur of ``images`` [n, H, W, C] (any dtype; float32 out) with a per-image ``sigma``
+    [n] in pixels (0 = unchanged); kernel radius ceil(3 sigma), edges replicated."""
+    x = np.asarray(images, np.float32)
+    sigma = np.broadcast_to(np.asarray(sigma, np.float32), (x.shape[0],))
+    radius = int(np.ceil(3 * float(sigma.max()))) if x.shape[0] else 0
+    if radius == 0:
+        return x
+    taps = np.arange(-radius, radius + 1, dtype=np.float32)
+    k = np.exp(-0.5 * (taps[None] / np.maximum(sigma[:, None], 1e-6)) ** 2)
+    k = np.where(sigma[:, None] > 0, k, (taps[None] == 0).astype(np.float32))
+    k /= k.sum(1, keepdims=True)  # [n, 2r+1]
+    for axis in (1, 2):
+        pad = [(0, 0)] * 4
+        pad[axis] = (radius, radius)
+        xp = np.pad(x, pad, mode="edge")
+        length = x.shape[axis]
+        out = np.zeros_like(x)
+        for j in range(2 * radius + 1):
+            sl = [slice(None)] * 4
+            sl[axis] = slice(j, j + length)
+            out += k[:, j, None, None, None] * xp[tuple(sl)]
+        x = out
+    return x
+
+
+def _blur_half(batch: dict[str, np.ndarray], rng: np.random.Generator, max_sigma: float) -> None:
+    """Blurs a random half of the batch (sigma ~ U(0.3, max_sigma)); labels unchanged."""
+    n = len(batch["images"])
+    sigma = np.where(rng.random(n) < 0.5, rng.uniform(min(0.3, max_sigma), max_sigma, n), 0.0)
+    batch["images"] = np.clip(np.round(gaussian_blur(batch["images"], sigma)), 0, 255).astype(np.uint8)
+
+
 def train_analysers(images, targets: Mapping[str, np.ndarray], config: AnalyserConfig | None = None, *,
                     log_every: int = 0, logger: Callable[[str], None] | None = None, progress: bool = False
                     ) -> tuple[ToyAnalysers, list[dict[str, float]]]:
@@ -445,6 +484,8 @@ def train_analysers(images, targets: Mapping[str, np.ndarray], config: AnalyserC
             _flip_half(batch, rng)
         if cfg.shift_augment:
             _shift(batch, rng, cfg.shift_augment)
+        if cfg.blur_augment > 0:
+            _blur_half(batch, rng, cfg.blur_augment)
         params, opt_state, metrics = step(params, opt_state, batch)
         if bar is not None:
             bar.update(1)
