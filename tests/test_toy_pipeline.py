@@ -50,7 +50,11 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     for r in report["rows"]:
         assert 0.0 <= r["id_top1"] <= 1.0 and 0.0 <= r["emotion_acc"] <= 1.0 and r["pose_mae_deg"] >= 0.0
         assert np.isfinite(r["fd"]) and r["n"] == 6
+    probe = report["control_probe"]
+    assert set(probe) == {"stage a", "stage b", "joint"} and set(probe["joint"]) >= {"landmark", "emotion"}
+    assert all(np.isfinite(g) for pr in probe.values() for c in ("landmark", "emotion") if c in pr for g in pr[c]["gain"])
     md = (out / "report.md").read_text()
+    assert "## Control probe" in md and "| joint | emotion |" in md
     for s in sets:
         assert f"| {s} |" in md
     for img in ("comparison.png", "emotion_sweep.png", "pose_sweep.png"):
