@@ -27,7 +27,7 @@ from flax import nnx
 __all__ = ["PROBE_TIMESTEPS", "control_probe", "probe_table"]
 
 PROBE_TIMESTEPS = (100, 300, 500, 700, 900)
-_INPUT = {"landmark": ("landmarks", "landmarks"), "emotion": ("emotion", "emotion")}  # control -> (feature, kwarg)
+_FIELD = {"landmark": "landmarks", "emotion": "emotion"}  # control -> record field = FaceCrafter keyword
 
 
 @nnx.jit(static_argnames=("kwarg",))
@@ -48,13 +48,13 @@ def control_probe(model, text_encoder, vae, images: np.ndarray, features: Mappin
     """
     from facecrafter_jax import schedulers as S
 
-    unknown = [c for c in controls if c not in _INPUT]
+    unknown = [c for c in controls if c not in _FIELD]
     if unknown:
-        raise ValueError(f"control_probe: unknown control(s) {unknown}; known: {sorted(_INPUT)}")
+        raise ValueError(f"control_probe: unknown control(s) {unknown}; known: {sorted(_FIELD)}")
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [N, R, R, 3], got {images.dtype} {images.shape}")
-    missing = [k for k in ["arcface"] + [_INPUT[c][0] for c in controls] if k not in features]
+    missing = [k for k in ["arcface"] + [_FIELD[c] for c in controls] if k not in features]
     if missing:
         raise ValueError(f"control_probe: features lack {missing}")
     n = len(images)
@@ -81,9 +81,8 @@ def control_probe(model, text_encoder, vae, images: np.ndarray, features: Mappin
 
         out["id_only"].append(mean_loss(None, None))
         for c in controls:
-            field, kwarg = _INPUT[c]
-            value = np.asarray(features[field], np.float32)
-            w, z = mean_loss(kwarg, value), mean_loss(kwarg, np.zeros_like(value))
+            value = np.asarray(features[_FIELD[c]], np.float32)
+            w, z = mean_loss(_FIELD[c], value), mean_loss(_FIELD[c], np.zeros_like(value))
             out[c]["with"].append(w)
             out[c]["null"].append(z)
             out[c]["gain"].append((z - w) / z if z > 0 else 0.0)
