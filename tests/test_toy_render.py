@@ -393,6 +393,27 @@ def test_studio_scene_keeps_the_draws_and_removes_the_nuisance(world):
         WorldConfig(scene="beach")
 
 
+
+def test_face_zoom_scales_the_landmarks_about_the_lifted_face_centre(world):
+    """face_zoom=z: same draws; every landmark's (x, y) offset from the face centre is z times the unzoomed
+    one (z too, orthographic depth), the centre moves up by FACE_ZOOM_LIFT * (z - 1)."""
+    from facecrafter_jax.toy.world import FACE_ZOOM_LIFT
+
+    z = 1.35
+    zoomed = ToyWorld(WorldConfig(num_identities=24, seed=3, face_zoom=z))
+    a, b = world.sample(6, seed=9), zoomed.sample(6, seed=9)
+    for name in ("identity", "head_pose", "emotion", "expression", "gaze", "light_dir"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_allclose(b.scale, z * a.scale, rtol=1e-12)
+    np.testing.assert_allclose(b.center, a.center - [0.0, FACE_ZOOM_LIFT * (z - 1)], atol=1e-12)
+    la, lb = world.features(a)["landmarks"], zoomed.features(b)["landmarks"]
+    ca, cb = a.center[:, None].astype(np.float32), b.center[:, None].astype(np.float32)
+    np.testing.assert_allclose(lb[..., :2] - cb, z * (la[..., :2] - ca), atol=2e-6)
+    np.testing.assert_allclose(lb[..., 2], z * la[..., 2], atol=2e-6)
+    for bad in (0.2, 3.0):
+        with pytest.raises(ValueError, match="face_zoom must be in"):
+            WorldConfig(face_zoom=bad)
+
 def test_bad_inputs_are_named(world):
     with pytest.raises(ValueError, match="unknown toy world config key"):
         WorldConfig.from_dict({"num_identities": 4, "yaw_sd": 3})

@@ -108,6 +108,27 @@ def test_first_update_is_adamw_closed_form(trainer):
     assert checked >= 2 and np.isfinite(base_loss)
 
 
+def test_id_only_samples_give_the_adapters_no_gradient(tmp_path):
+    """The toy adapter stages draw no ID-only samples (configs/toy/stage_*.yaml) because, with the base frozen
+    and every control branch switched off, such a sample cannot move any trainable parameter: a batch of only
+    ID-only samples leaves every adapter parameter bit-identical (AdamW without weight decay: a zero gradient
+    is a zero update), while the same batch with the controls on changes them."""
+    only_id = ("conditioning.id_only=1.0", "conditioning.id_landmark=0", "conditioning.id_emotion=0",
+               "conditioning.id_landmark_emotion=0", "conditioning.all_null=0", "optim.weight_decay=0")
+    for setup, moves in ((only_id, False), (("optim.weight_decay=0",), True)):
+        t = _trainer(tmp_path / str(moves), *setup)
+        try:
+            state = t.fresh_state()
+            p0 = _host(state["params"])
+            state, metrics = t.compiled(state, t.frozen, t.next_batch())
+            p1 = _host(state["params"])
+            changed = [k for k in p0 if not np.array_equal(p0[k], p1[k])]
+            assert np.isfinite(float(metrics["loss"]))
+            assert (len(changed) > 0) == moves, changed[:5]
+        finally:
+            t.pipeline.close()
+
+
 def test_loss_does_not_depend_on_batch_order(trainer):
     state = trainer.fresh_state()
     batch = trainer.next_batch()

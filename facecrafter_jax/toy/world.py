@@ -74,6 +74,8 @@ EMOTION_EXPRESSIONS = np.stack([
 EMOTION_EXPRESSIONS.setflags(write=False)
 
 SCENES = ("varied", "studio")
+# How far the face centre moves up (image units) per unit of WorldConfig.face_zoom above 1: keeps the chin in.
+FACE_ZOOM_LIFT = 0.043
 # The studio scene: background gradient, light (unit vector, from above-left of the camera), ambient, brightness.
 STUDIO_BG_TOP = np.array([0.62, 0.66, 0.72])
 STUDIO_BG_BOTTOM = np.array([0.48, 0.52, 0.58])
@@ -121,6 +123,11 @@ class WorldConfig:
     offset and gives each identity its own clothing colour, so an image is determined by identity, pose,
     expression and gaze alone - the attributes FaceCrafter conditions on. The random draws are the same in
     both, so a sample's identity, pose and emotion do not depend on ``scene``.
+
+    ``face_zoom`` scales the face in the frame (1 = head and shoulders; 1.35 = a tighter face crop, as in
+    aligned face datasets, where the hair top and shoulders leave the frame and an expression covers 1.8x
+    the pixels); the face centre moves up by ``FACE_ZOOM_LIFT * (face_zoom - 1)`` so the chin stays in
+    frame. It changes no random draw.
     """
 
     num_identities: int = 256
@@ -143,6 +150,7 @@ class WorldConfig:
     p_glasses: float = 0.15
     p_beard: float = 0.2
     scene: str = "varied"
+    face_zoom: float = 1.0
 
     def __post_init__(self):
         if self.scene not in SCENES:
@@ -163,6 +171,8 @@ class WorldConfig:
                      "gaze_std", "center_jitter", "scale_jitter"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.5 <= float(self.face_zoom) <= 2.0:
+            raise ValueError(f"face_zoom must be in [0.5, 2], got {self.face_zoom!r}")
         for name in ("p_glasses", "p_beard"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -392,10 +402,11 @@ class ToyWorld:
         hi = np.array([L.EXPRESSION_RANGES[p][1] for p in L.EXPRESSION_PARAMS])
         expr = np.clip(expr, lo, hi)
         gaze = np.clip(rng.normal(0.0, c.gaze_std, (n, 2)), -1.0, 1.0)
-        center = np.asarray(L.DEFAULT_CENTER) + np.clip(rng.normal(0.0, c.center_jitter, (n, 2)),
-                                                        -3 * c.center_jitter, 3 * c.center_jitter)
-        scale = L.DEFAULT_SCALE * np.exp(np.clip(rng.normal(0.0, c.scale_jitter, n), -3 * c.scale_jitter,
-                                                 3 * c.scale_jitter))
+        center0 = np.asarray(L.DEFAULT_CENTER) - [0.0, FACE_ZOOM_LIFT * (c.face_zoom - 1.0)]
+        center = center0 + np.clip(rng.normal(0.0, c.center_jitter, (n, 2)), -3 * c.center_jitter,
+                                   3 * c.center_jitter)
+        scale = L.DEFAULT_SCALE * c.face_zoom * np.exp(np.clip(rng.normal(0.0, c.scale_jitter, n),
+                                                               -3 * c.scale_jitter, 3 * c.scale_jitter))
         az = np.deg2rad(rng.uniform(-60, 60, n))
         el = np.deg2rad(rng.uniform(-10, 50, n))
         light = np.stack([np.sin(az) * np.cos(el), -np.sin(el), np.cos(az) * np.cos(el)], 1)
