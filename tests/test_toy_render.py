@@ -393,7 +393,6 @@ def test_studio_scene_keeps_the_draws_and_removes_the_nuisance(world):
         WorldConfig(scene="beach")
 
 
-
 def test_face_zoom_scales_the_landmarks_about_the_lifted_face_centre(world):
     """face_zoom=z: same draws; every landmark's (x, y) offset from the face centre is z times the unzoomed
     one (z too, orthographic depth), the centre moves up by FACE_ZOOM_LIFT * (z - 1)."""
@@ -413,6 +412,7 @@ def test_face_zoom_scales_the_landmarks_about_the_lifted_face_centre(world):
     for bad in (0.2, 3.0):
         with pytest.raises(ValueError, match="face_zoom must be in"):
             WorldConfig(face_zoom=bad)
+
 
 def test_bad_inputs_are_named(world):
     with pytest.raises(ValueError, match="unknown toy world config key"):
