@@ -46,7 +46,7 @@ PLOT_METRICS = (("emotion_acc", "emotion accuracy (higher is better)"), ("pose_m
 
 def run_ablation(pipeline, variants: Sequence[str] = tuple(VARIANTS), *, docs: str | None = None) -> dict:
     """Train (or reuse) every variant, evaluate, write the results (see the module docstring)."""
-    from .pipeline import EXPORTS
+    from .stages import EXPORTS
     from .report import JOINT_SETS, evaluation_context, load_pipeline, markdown_table, sample_set
 
     p = pipeline

@@ -35,13 +35,12 @@ import numpy as np
 
 from facecrafter_jax.train.config import ConfigError, load_config, to_dict, to_yaml
 
+from .stages import EXPORTS, STAGE_NAMES, TRAIN_STAGES
+
 __all__ = ["StageSpec", "Stages", "EvaluationConfig", "ToyPipelineConfig", "STAGE_NAMES", "load_pipeline_config",
            "ToyPipeline", "main"]
 
 DEFAULT_CONFIG = "configs/toy/pipeline.yaml"
-STAGE_NAMES = ("render", "analysers", "vae", "records", "base", "landmark", "emotion", "joint", "evaluate")
-TRAIN_STAGES = {"base": "base", "landmark": "stage_a", "emotion": "stage_b", "joint": "stage_c"}
-EXPORTS = {"base": "base_model", "landmark": "stage_a_model", "emotion": "stage_b_model", "joint": "facecrafter"}
 
 
 @dataclass(frozen=True)

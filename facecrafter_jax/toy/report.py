@@ -189,7 +189,7 @@ def evaluation_context(p) -> dict[str, Any]:
 
 def evaluate_pipeline(p) -> dict[str, Any]:
     """The ``evaluate`` stage of :class:`~facecrafter_jax.toy.pipeline.ToyPipeline`; returns the report dict."""
-    from .pipeline import EXPORTS
+    from .stages import EXPORTS
     from .render import contact_sheet, save_png
     from .world import emotion_vectors
 
@@ -283,7 +283,7 @@ def evaluate_pipeline(p) -> dict[str, Any]:
 
 
 def _stage_table(p) -> str:
-    from .pipeline import STAGE_NAMES
+    from .stages import STAGE_NAMES
 
     lines = ["| stage | seconds | notes |", "|---|---:|---|"]
     total = 0.0
