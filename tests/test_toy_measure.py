@@ -74,6 +74,9 @@ def test_copy_ratios_zero_for_copies_and_about_one_for_independent_samples():
     out = set_metrics(copy, cond, ref_analysis=ref, id_centres=centres)
     assert out["pose_copy"][0] == pytest.approx(0.0, abs=1e-6)
     assert out["pose_div_deg"][0] == pytest.approx(0.0, abs=1e-4)
+    # slope 1 on the own reference minus the decoys' (independent draws: slope ~0, up to sampling noise)
+    dec_slopes = [np.polyfit(dec_pose[j::nd, 0], ref_pose[:, 0], 1)[0] for j in range(nd)]
+    assert out["yaw_copy_slope"][0] == pytest.approx(1.0 - np.mean(dec_slopes), abs=1e-9)
     # P(class = reference's) = 1 minus P(class = a decoy's), the decoys' agreement rate with the reference
     agree = np.mean([(dec_cls[i * nd:(i + 1) * nd] == ref_cls[i]).mean() for i in range(k)])
     assert out["emotion_copy"][0] == pytest.approx(1.0 - agree, abs=1e-9)
@@ -82,6 +85,8 @@ def test_copy_ratios_zero_for_copies_and_about_one_for_independent_samples():
     out = set_metrics(indep, cond, ref_analysis=ref, id_centres=centres)
     assert abs(out["pose_copy"][0] - 1.0) < 3 * out["pose_copy"][1] + 0.02
     assert abs(out["emotion_copy"][0]) < 3 * out["emotion_copy"][1] + 0.02
+    assert abs(out["yaw_copy_slope"][0]) < 3 * out["yaw_copy_slope"][1] + 0.02
     assert out["emotion_entropy"][0] > 1.5
     half = _analysis(0.5 * own + 0.5 * np.repeat(ref_pose, m, 0), indep["emotion_probs"], identity, lm)
-    assert set_metrics(half, cond, ref_analysis=ref, id_centres=centres)["pose_copy"][0] < 0.75
+    out = set_metrics(half, cond, ref_analysis=ref, id_centres=centres)
+    assert out["pose_copy"][0] < 0.75 and abs(out["yaw_copy_slope"][0] - 0.5) < 3 * out["yaw_copy_slope"][1] + 0.05

@@ -28,6 +28,8 @@ identities, ``bootstrap`` resamples). Metrics (:func:`set_metrics`):
   person, so 1 = the sample does not depend on which photo conditioned it, 0 = exact copy; distances between the
   analysers' readings, so an analyser's identity-specific bias cancels); ``expr_copy`` the same for expression
   displacements; ``emotion_copy`` = P(sample's emotion class = its reference's) - P(= a decoy's) (0 = none);
+  ``yaw_copy_slope`` = least-squares slope of the samples' yaw on their reference's yaw minus the mean slope on
+  their decoys' yaw (0 = none, 1 = the sample turns as far as the reference);
 * ``fd``: Frechet distance of analyser features (the identity classifier's cosines, emotion probabilities,
   valence / arousal, pose / 30 deg) to a reference set of fresh renders (small-sample biased: compare sets of equal size only).
 """
@@ -216,6 +218,15 @@ def set_metrics(a: Mapping[str, np.ndarray], cond: Conditions, *, ref_analysis: 
             den = d_dec[name][r].mean()
             return d_own[name][r].mean() / den if den > 0 else float("nan")
         out[name] = (float(ratio(np.arange(k))), cluster_bootstrap(ratio, k, resamples=bootstrap, seed=seed))
+    def yaw_slope(g):
+        r = rows_of(g)
+        y = a["head_pose"][r, 0]
+
+        def slope(x):
+            x = x - x.mean()
+            return float(x @ (y - y.mean()) / (x @ x)) if x @ x > 0 else float("nan")
+        return slope(ref_pose[group[r], 0]) - np.mean([slope(dec_pose[group[r] * nd + j, 0]) for j in range(nd)])
+    out["yaw_copy_slope"] = (yaw_slope(np.arange(k)), cluster_bootstrap(yaw_slope, k, resamples=bootstrap, seed=seed))
     ref_cls = ref_analysis["emotion_probs"].argmax(-1)
     agree_own = (cls == ref_cls[:k][group]).astype(np.float64)
     agree_dec = np.stack([cls == ref_cls[k:][group * nd + j] for j in range(nd)], 1).astype(np.float64)
