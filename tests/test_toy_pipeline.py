@@ -12,10 +12,10 @@ from facecrafter_jax.toy.pipeline import STAGE_NAMES, ToyPipeline, load_pipeline
 from facecrafter_jax.train.config import ConfigError
 from facecrafter_jax.train.testing import REPO
 
-TINY = ["train_images=96", "test_images=32", "world.num_identities=6", "analysers.steps=6", "vae.steps=4",
+TINY = ["base_images=96", "adapter_images=96", "test_images=32", "world.num_identities=6", "analysers.steps=6", "vae.steps=4",
         "vae.stats_images=64", "stages.base.steps=3", "stages.landmark.steps=2", "stages.emotion.steps=2",
         "stages.joint.steps=2", "evaluation.identities=3", "evaluation.per_identity=2", "evaluation.num_steps=2",
-        "evaluation.batch_size=8"]
+        "evaluation.batch_size=8", "evaluation.bootstrap=5", "evaluation.probe_images=8"]
 
 
 def _cfg(out, *extra):
@@ -40,16 +40,20 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     from facecrafter_jax.data import records as R
     from facecrafter_jax.pretrained import read_manifest
 
-    info = R.read_dataset_info(out / "data" / "records")
-    assert info["num_records"] == 96 and info["latent_side"] == 16
+    for split in ("base", "adapter"):
+        info = R.read_dataset_info(out / "data" / "records" / split)
+        assert info["num_records"] == 96 and info["latent_side"] == 16
     assert set(read_manifest(str(out / "base_model"))["components"]) == {"unet", "text_encoder", "vae"}
     assert set(read_manifest(str(out / "facecrafter"))["components"]) == {"unet", "text_encoder", "vae", "adapters"}
     report = json.loads((out / "report.json").read_text())
     sets = [r["set"] for r in report["rows"]]
-    assert sets[0].startswith("real renders") and "joint: ID+LMK+EMO" in sets and len(sets) == 8
+    assert sets[0].startswith("real renders") and "joint: ID+LMK+EMO" in sets and len(sets) == 9
     for r in report["rows"]:
         assert 0.0 <= r["id_top1"] <= 1.0 and 0.0 <= r["emotion_acc"] <= 1.0 and r["pose_mae_deg"] >= 0.0
-        assert np.isfinite(r["fd"]) and r["n"] == 6
+        assert np.isfinite(r["fd_base"]) and np.isfinite(r["fd_full"]) and r["n"] == 6
+        assert r["pose_copy"] >= 0.0 and np.isfinite(r["pose_div_deg"]) and "id_top1_se" in r
+    assert set(report["arcface_leakage"]) >= {"r2_yaw", "r2_expression", "emotion_acc"}
+    assert set(report["split_statistics"]) == {"base", "adapter", "test", "test_base"}
     probe = report["control_probe"]
     assert set(probe) == {"stage a", "stage b", "joint"} and set(probe["joint"]) >= {"landmark", "emotion"}
     assert all(np.isfinite(g) for pr in probe.values() for c in ("landmark", "emotion") if c in pr for g in pr[c]["gain"])
@@ -57,7 +61,8 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "## Control probe" in md and "| joint | emotion |" in md
     for s in sets:
         assert f"| {s} |" in md
-    for img in ("comparison.png", "emotion_sweep.png", "pose_sweep.png"):
+    assert "## ID-only sampling" in md and "## Acceptance checks" in md
+    for img in ("comparison.png", "id_only.png", "emotion_sweep.png", "pose_sweep.png"):
         assert (out / "images" / img).stat().st_size > 1000
     assert results["joint"]["result"]["steps"] == 2
 
