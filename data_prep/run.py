@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.extract import ExtractSettings, FaceExtractor, init_worker, process_in_worker
-from data_prep.images import IMAGE_EXTENSIONS
 from data_prep.manifest import MANIFEST_NAME, Manifest
+from facecrafter_jax.face.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,10 @@ def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: 
     """
     from facecrafter_jax.data.records import RecordWriter, read_dataset_info
 
-    from data_prep.arcface import ArcFaceONNX
-    from data_prep.images import MIN_SIDE
-    from data_prep.models import EmotionModel, LatentModel
+    from data_prep.models import LatentModel
+    from facecrafter_jax.face.arcface import ArcFaceONNX
+    from facecrafter_jax.face.emotion import EmotionModel
+    from facecrafter_jax.face.images import MIN_SIDE
 
     t_start = time.time()
     settings = ExtractSettings(resolution=resolution, min_side=MIN_SIDE if min_side is None else min_side,

@@ -16,11 +16,20 @@ switched off exactly), ``null[c]`` (1 = the control input is zeroed: the learned
 ``id_null`` (1 = the identity context is replaced by the empty-prompt context). The AD loss uses
 ``active[c] = mask[c] * (1 - null[c])`` (:func:`active_controls`).
 
-Usage inside a jitted train step::
+The condition of one model call is a :class:`ModelCondition` (the identity context and, per control, its
+tokens and branch weight). Two builders make it, and every caller uses one of them:
 
-    cond = sample_conditioning(key, batch_size, config)
-    context, inputs = apply_conditioning(cond, id_context, empty_context, landmarks=lmk, emotion=emo)
-    eps = model(x_t, t, context, **inputs)           # landmarks / emotion / *_mask
+* :func:`draw_condition`: from a per-sample draw (the train step)::
+
+      draw = sample_conditioning(key, batch_size, config)
+      cond = draw_condition(model, draw, id_context, empty_context, {"landmark": lmk, "emotion": emo})
+      eps = model.predict(x_t, t, cond)
+
+* :func:`setup_conditions`: from named :class:`Setup` s (the samplers' guidance branches and the training
+  sample grids), with one tree structure for all of them so they concatenate into one batched call.
+
+An *absent* control (not given in a setup) is either its null tokens (the all-zero raw input through its
+encoder, branch on) or switched off (branch weight 0), per :attr:`Setup.absent`.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facecrafter_jax.face.vocabulary import EMOTION_DIM, NUM_LANDMARKS
+
 __all__ = [
     "SETUPS",
     "MixedConditioningConfig",
@@ -40,6 +51,12 @@ __all__ = [
     "sample_conditioning",
     "apply_conditioning",
     "active_controls",
+    "ABSENT_CONTROLS",
+    "ModelCondition",
+    "Setup",
+    "null_input",
+    "draw_condition",
+    "setup_conditions",
 ]
 
 # name -> (id on, controls on); controls are always ("landmark", "emotion") in this order.
@@ -174,3 +191,109 @@ def apply_conditioning(sample: ConditioningSample, id_context: jax.Array, empty_
         if x is not None and c not in sample.masks:
             raise ValueError(f"apply_conditioning: a {c} input was given but the draw has no {c!r} control")
     return context, inputs
+
+
+# --------------------------------------------------------------------------------------------
+# The condition of one model call, and its two builders
+# --------------------------------------------------------------------------------------------
+ABSENT_CONTROLS = ("null", "off")
+"""What a control that a setup does not give does: ``"null"`` runs its branch on the null tokens (the
+all-zero raw input through its encoder), ``"off"`` switches the branch off (weight 0)."""
+
+_RAW_SHAPES = {"landmark": (NUM_LANDMARKS, 3), "emotion": (EMOTION_DIM,)}
+
+
+class ModelCondition(NamedTuple):
+    """The condition of one FaceCrafter call (a pytree; every leaf has the batch axis first, 1 broadcasts).
+
+    ``context``: the identity context ``[B, S, D]`` (or the empty-prompt context). ``controls``:
+    ``{name: (tokens [B, N, D], weight [B])}`` for every control branch the call runs; ``weight`` is the
+    per-sample ``mask * scale`` (0 adds exactly nothing). A control not in ``controls`` is not run.
+    Consumed by :meth:`facecrafter_jax.models.facecrafter.FaceCrafter.predict`.
+    """
+
+    context: jax.Array
+    controls: dict
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A conditioning setup: identity on (or the empty prompt), the controls given their real input, and what
+    the model's other controls do (:data:`ABSENT_CONTROLS`)."""
+
+    identity: bool = True
+    controls: tuple[str, ...] = ()
+    absent: str = "off"
+
+    def __post_init__(self):
+        object.__setattr__(self, "controls", tuple(self.controls))
+        if self.absent not in ABSENT_CONTROLS:
+            raise ValueError(f"Setup.absent must be one of {ABSENT_CONTROLS}, got {self.absent!r}")
+        unknown = [c for c in self.controls if c not in _KNOWN_CONTROLS]
+        if unknown:
+            raise ValueError(f"Setup.controls: unknown control(s) {unknown}; known: {list(_KNOWN_CONTROLS)}")
+
+
+def null_input(control: str, batch: int = 1) -> jax.Array:
+    """The null raw input of a control: zeros ``[batch, 478, 3]`` (landmark) or ``[batch, 10]`` (emotion)."""
+    if control not in _RAW_SHAPES:
+        raise ValueError(f"unknown control {control!r}; known: {list(_RAW_SHAPES)}")
+    return jnp.zeros((batch,) + _RAW_SHAPES[control], jnp.float32)
+
+
+def draw_condition(model, draw: ConditioningSample, id_context: jax.Array, empty_context: jax.Array,
+                   inputs: Mapping[str, jax.Array]) -> ModelCondition:
+    """A per-sample draw applied to a batch (the train step): :func:`apply_conditioning`, then each control's
+    input (null-dropped samples zeroed) through ``model``'s token encoder, weight = the draw's mask."""
+    raw = {"landmarks" if c == "landmark" else c: inputs.get(c) for c in ("landmark", "emotion")}
+    context, args = apply_conditioning(draw, id_context, empty_context, **raw)
+    controls = {}
+    for c in draw.masks:
+        x = args["landmarks" if c == "landmark" else "emotion"]
+        controls[c] = (model.encoder(c)(x), args[f"{c}_mask"])
+    return ModelCondition(context=context, controls=controls)
+
+
+def setup_conditions(model, setups, id_context: jax.Array, empty_context: jax.Array, *,
+                     inputs: Mapping[str, jax.Array] | None = None,
+                     weights: Mapping[str, jax.Array] | None = None) -> list[ModelCondition]:
+    """One :class:`ModelCondition` per :class:`Setup`, all with the same tree structure (so they concatenate).
+
+    ``id_context`` ``[B, S, D]``; ``empty_context`` ``[1, S, D]`` (kept at batch 1; the guidance concatenation
+    broadcasts it). ``inputs``: the given controls' raw inputs ``[B, ...]``; ``weights``: their branch weights
+    (``lambda_c``, scalar or ``[B]``; default 1). The call runs every control that some setup gives or feeds
+    its null tokens; a setup that switches such a control off gets its null tokens at weight 0. Tokens are
+    encoded once per control (the null tokens at batch 1). ``model`` is a FaceCrafter (``controls``,
+    ``encoder(name)``) or, for setups without controls, any denoiser.
+    """
+    inputs = dict(inputs or {})
+    weights = dict(weights or {})
+    setups = list(setups)
+    if not setups:
+        raise ValueError("setup_conditions: no setups")
+    have = tuple(getattr(model, "controls", ()) or ())
+    for s in setups:
+        missing = [c for c in s.controls if c not in inputs]
+        if missing:
+            raise ValueError(f"setup_conditions: a setup gives control(s) {missing} but no input was passed")
+        if [c for c in s.controls if c not in have]:
+            raise ValueError(f"setup_conditions: the model has no {[c for c in s.controls if c not in have]} "
+                             f"control (controls: {list(have)})")
+    run = tuple(c for c in have if any(c in s.controls or s.absent == "null" for s in setups))
+    given, null = {}, {}
+    for c in run:
+        enc = model.encoder(c)
+        null[c] = enc(null_input(c, 1))  # [1, N, D]: the learned null tokens
+        if c in inputs and any(c in s.controls for s in setups):
+            given[c] = enc(inputs[c])
+    out = []
+    for s in setups:
+        controls = {}
+        for c in run:
+            if c in s.controls:
+                w = jnp.asarray(weights.get(c, 1.0), jnp.float32)
+                controls[c] = (given[c], w.reshape(-1) if w.ndim else jnp.full((1,), w))
+            else:
+                controls[c] = (null[c], jnp.full((1,), 1.0 if s.absent == "null" else 0.0, jnp.float32))
+        out.append(ModelCondition(context=id_context if s.identity else empty_context, controls=controls))
+    return out

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facecrafter_jax.face.vocabulary import EMOTION_DIM, LANDMARK_FEATURES, NUM_LANDMARKS
+
 __all__ = [
     "ADAPTERS_FILE",
     "ADAPTERS_CONFIG_FILE",
@@ -49,8 +51,7 @@ __all__ = [
 ADAPTERS_FILE = "facecrafter_adapters.safetensors"
 ADAPTERS_CONFIG_FILE = "facecrafter_adapters.json"
 ADAPTERS_FORMAT = "facecrafter-adapters"
-NUM_LANDMARKS = 478
-CONTROL_INPUT_DIMS = {"landmark": NUM_LANDMARKS * 3, "emotion": 10}
+CONTROL_INPUT_DIMS = {"landmark": LANDMARK_FEATURES, "emotion": EMOTION_DIM}
 LAYER_NORM_EPS = 1e-5
 
 

@@ -14,8 +14,8 @@ import optax
 import pytest
 from flax import nnx
 
-from facecrafter_jax.conditioning import (MixedConditioningConfig, SETUPS, active_controls, apply_conditioning,
-                                          sample_conditioning)
+from facecrafter_jax.conditioning import (MixedConditioningConfig, SETUPS, Setup, active_controls, apply_conditioning,
+                                          draw_condition, null_input, sample_conditioning, setup_conditions)
 from facecrafter_jax.models.attention import Attention, AttentionProbs, BranchOutputs
 from facecrafter_jax.models.control import (FROZEN, AdapterLinear, AdapterParam, ControlTokenEncoder,
                                             add_control_adapters, control_features, count_params)
@@ -426,6 +426,57 @@ def test_mixed_conditioning_default_deterministic_and_applied():
     assert set(inputs) == {"landmarks", "emotion", "landmark_mask", "emotion_mask"}
     with pytest.raises(ValueError, match="no emotion input"):
         apply_conditioning(s, ctx, empty, landmarks=lmk)
+
+
+def test_draw_condition_equals_the_keyword_call():
+    """draw_condition + predict == FaceCrafter(x, t, ctx, landmarks=zeroed, landmark_mask=...)."""
+    model = _model(3)
+    x, ctx, lmk, emo = _inputs(4, batch=5)
+    empty = ctx[0] * 0.5
+    s = sample_conditioning(jax.random.key(0), 5)._replace(
+        setup=jnp.array([0, 1, 2, 3, 4]), id_null=jnp.array([0, 0, 0, 0, 1.0]),
+        masks={"landmark": jnp.array([0, 1, 0, 1, 1.0]), "emotion": jnp.array([0, 0, 1, 1, 1.0])},
+        nulls={"landmark": jnp.array([0, 0, 0, 0, 1.0]), "emotion": jnp.array([0, 0, 0, 0, 1.0])})
+    t = jnp.asarray([7, 100, 300, 640, 900])
+    cond = draw_condition(model, s, ctx, empty, {"landmark": lmk, "emotion": emo})
+    assert set(cond.controls) == {"landmark", "emotion"}
+    got = nnx.jit(lambda m, x, t, c: m.predict(x, t, c))(model, x, t, cond)
+    context, kw = apply_conditioning(s, ctx, empty, landmarks=lmk, emotion=emo)
+    want = _run(model, x, t, context, kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)  # eager vs jitted token encoding
+    # the all-null sample ran both branches on their null tokens: encoder(zeros)
+    np.testing.assert_array_equal(np.asarray(cond.controls["landmark"][0][4]),
+                                  np.asarray(model.encoder("landmark")(null_input("landmark", 1))[0]))
+
+
+def test_setup_conditions_uniform_structure_and_semantics():
+    """Every setup gets the same controls (so they concatenate); given / null / off have the documented tokens and
+    weights, and each condition's prediction equals the keyword API's."""
+    model = _model(4)
+    x, ctx, lmk, emo = _inputs(5, batch=2)
+    empty = ctx[:1] * 0.5
+    setups = [Setup(identity=False, absent="null"), Setup(), Setup(controls=("landmark",))]
+    conds = setup_conditions(model, setups, ctx, empty, inputs={"landmark": lmk}, weights={"landmark": 0.7})
+    assert [set(c.controls) for c in conds] == [{"landmark", "emotion"}] * 3
+    null_l = model.encoder("landmark")(null_input("landmark"))
+    np.testing.assert_array_equal(np.asarray(conds[0].context), np.asarray(empty))
+    np.testing.assert_array_equal(np.asarray(conds[0].controls["landmark"][0]), np.asarray(null_l))
+    assert float(conds[0].controls["emotion"][1][0]) == 1.0  # null tokens, branch on
+    assert float(conds[1].controls["landmark"][1][0]) == 0.0  # absent = off: weight 0
+    np.testing.assert_allclose(np.asarray(conds[2].controls["landmark"][1]), [0.7])
+    zeros_l, zeros_e = jnp.zeros_like(lmk), jnp.zeros((2, 10))
+    refs = [_run(model, x, T, jnp.broadcast_to(empty, ctx.shape), {"landmarks": zeros_l, "emotion": zeros_e}),
+            _run(model, x, T, ctx, {}),
+            _run(model, x, T, ctx, {"landmarks": lmk, "landmark_scale": 0.7})]
+    for c, ref in zip(conds, refs):
+        c = c._replace(context=jnp.broadcast_to(c.context, ctx.shape),
+                       controls={k: (jnp.broadcast_to(tok, (2,) + tok.shape[1:]), jnp.broadcast_to(w, (2,)))
+                                 for k, (tok, w) in c.controls.items()})
+        np.testing.assert_allclose(np.asarray(model.predict(x, T, c)), np.asarray(ref), atol=2e-6)
+    with pytest.raises(ValueError, match="no input was passed"):
+        setup_conditions(model, [Setup(controls=("emotion",))], ctx, empty)
+    with pytest.raises(ValueError, match="absent must be one of"):
+        Setup(absent="maybe")
 
 
 def test_mixed_conditioning_config_errors_and_single_stage():

@@ -1,6 +1,5 @@
 """sample.py: end-to-end run on a tiny converted checkpoint, its outputs, and every input error."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,12 +12,10 @@ import torch
 from PIL import Image
 
 from facecrafter_jax.convert.cli import main as convert_main
+from facecrafter_jax.sampling import cli as sample
 from tiny_models import tiny_clip, tiny_unet, tiny_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(REPO, "sample.py"))
-sample = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sample)
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +89,6 @@ def test_help_documents_every_flag(capsys):
                  "--emotion", "--valence", "--arousal", "--guidance-control", "--landmark-scale", "--emotion-scale",
                  "--null-controls"):
         assert flag in text, flag
-    from facecrafter_jax.sampling import SCHEDULERS
-    from facecrafter_jax.models.emonet import EMOTION_CLASSES_8
-
-    assert tuple(sample.SCHEDULER_NAMES) == tuple(SCHEDULERS)
-    from facecrafter_jax.sampling import NULL_CONTROL_MODES
-
-    assert tuple(sample.NULL_CONTROL_MODES) == tuple(NULL_CONTROL_MODES)
-    assert sample._emotions() == tuple(EMOTION_CLASSES_8)
 
 
 def test_outputs_and_samples_json(env, run3):
@@ -149,7 +138,7 @@ def test_images_equal_the_pipeline_and_do_not_depend_on_batch_size(env, run3):
 
 
 def test_id_image_embedding_is_data_prep_arcface_of_the_aligned_face(env):
-    from data_prep.arcface import ArcFaceONNX
+    from facecrafter_jax.face.arcface import ArcFaceONNX
     from data_prep.extract import ExtractSettings, FaceExtractor
 
     emb, info = sample.embed_id_image(str(env["dir"] / "astronaut.png"), env["landmarker"], env["arcface"])
@@ -269,7 +258,8 @@ def test_controls_end_to_end(env, run3):
     """--landmarks NPY --emotion happy on a checkpoint with adapters: images equal FaceCrafterPipeline called
     directly with the same inputs, differ from the ID-only run, and samples.json records every control input."""
     from facecrafter_jax.pretrained import load_pretrained
-    from facecrafter_jax.sampling import FaceCrafterPipeline, emotion_vector
+    from facecrafter_jax.face.vocabulary import emotion_vector
+    from facecrafter_jax.sampling import FaceCrafterPipeline
 
     out = env["dir"] / "out_fc"
     argv = fc_args(env, out, "--num-images", "2", "--batch-size", "2", "--seed", "5", "--landmarks",
@@ -306,7 +296,7 @@ def test_controls_end_to_end(env, run3):
     assert s["null_branch"].startswith("empty prompt + control branches on their null tokens")
 
     # evaluate.py reads these targets (landmarks from the file written next to the images)
-    from facecrafter_jax.evaluate import load_sample_set
+    from facecrafter_jax.sample_set import load_sample_set
 
     items = load_sample_set(str(out)).items
     assert [it.landmarks["path"] for it in items] == [str(out / "landmarks.npy")] * 2

@@ -24,9 +24,9 @@ from facecrafter_jax import tokens
 from facecrafter_jax.convert.cli import main as convert_main
 from facecrafter_jax.models.control import AdapterParam
 from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
+from facecrafter_jax.face.vocabulary import emotion_table, emotion_vector
 from facecrafter_jax.pretrained import load_pretrained, save_pretrained
-from facecrafter_jax.sampling import (Arc2FacePipeline, FaceCrafterPipeline, emotion_table, emotion_vector,
-                                      guidance_branches)
+from facecrafter_jax.sampling import Arc2FacePipeline, FaceCrafterPipeline, guidance_branches
 from tiny_models import arc2face_context_torch, save_tiny_arc2face
 
 ID_DIM = 48  # < the tiny CLIP width 64
@@ -224,8 +224,8 @@ def test_guidance_branches_closed_form():
 
 
 def test_emotion_vector_table():
-    from facecrafter_jax.data.records import EMOTION_CLASSES
-    from facecrafter_jax.toy.world import VALENCE_AROUSAL, emotion_vectors
+    from facecrafter_jax.face.vocabulary import EMOTION_CLASSES, VALENCE_AROUSAL
+    from facecrafter_jax.toy.world import emotion_vectors
 
     table = emotion_table()
     assert tuple(table) == tuple(EMOTION_CLASSES)

@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from facecrafter_jax.face.vocabulary import EMOTION_CLASSES, EMOTION_DIM, ID_DIM, NUM_LANDMARKS
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -59,14 +61,12 @@ LOCK_FILE = ".writer.lock"
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.array_record$")
 
 FIELDS = ("image_id", "arcface", "landmarks", "head_pose", "emotion", "latent_moments")
-NUM_LANDMARKS = 478
-EMOTION_CLASSES = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
 # float32 feature fields, stored contiguously in this order.
 _FEATURE_SHAPES = {
-    "arcface": (512,),
+    "arcface": (ID_DIM,),
     "landmarks": (NUM_LANDMARKS, 3),
     "head_pose": (3,),
-    "emotion": (len(EMOTION_CLASSES) + 2,),
+    "emotion": (EMOTION_DIM,),
 }
 _FEATURE_SIZES = {k: int(np.prod(v)) for k, v in _FEATURE_SHAPES.items()}
 _FEATURE_COUNT = sum(_FEATURE_SIZES.values())

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from facecrafter_jax.face.vocabulary import EMOTION_DIM, LANDMARK_FEATURES, NUM_LANDMARKS
+
 __all__ = [
     "AdapterParam",
     "TRAINABLE",
@@ -52,9 +54,8 @@ __all__ = [
     "count_params",
 ]
 
-NUM_LANDMARKS = 478
 # Flattened input size of each known control.
-CONTROL_INPUT_DIMS = {"landmark": NUM_LANDMARKS * 3, "emotion": 10}
+CONTROL_INPUT_DIMS = {"landmark": LANDMARK_FEATURES, "emotion": EMOTION_DIM}
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used on both sides of the export
 
 

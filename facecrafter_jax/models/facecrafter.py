@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from .attention import AttentionProbs, BranchOutputs
@@ -204,6 +203,12 @@ class FaceCrafter(nnx.Module):
                                         scales={"landmark": landmark_scale, "emotion": emotion_scale})
         return self.unet(latents, timesteps, id_context, controls=controls)
 
+    def predict(self, latents: jax.Array, timesteps, condition) -> jax.Array:
+        """Noise prediction for a :class:`~facecrafter_jax.conditioning.ModelCondition` (context + per control
+        ``(tokens, weight)``): the one path the train step and the samplers use."""
+        controls = {name: (tokens, None, weight) for name, (tokens, weight) in condition.controls.items()}
+        return self.unet(latents, timesteps, condition.context, controls=controls or None)
+
     def forward_with_maps(self, latents, timesteps, id_context, *, capture: tuple[str, ...] = ("probs", "out"), **kwargs):
         """Like :meth:`__call__`, plus the exposed maps of the UNet's explicit cross-attention layers.
 
@@ -213,6 +218,13 @@ class FaceCrafter(nnx.Module):
         controls run). ``capture`` limits what is recorded (less memory). Select the layers with
         ``self.unet.configure_attention(explicit_cross_attention=...)``. Works inside ``nnx.jit`` / ``nnx.grad``.
         """
+        return self._with_maps(type(self).__call__, capture, latents, timesteps, id_context, **kwargs)
+
+    def predict_with_maps(self, latents, timesteps, condition, *, capture: tuple[str, ...] = ("probs", "out")):
+        """:meth:`predict` plus the exposed maps (as :meth:`forward_with_maps`)."""
+        return self._with_maps(type(self).predict, capture, latents, timesteps, condition)
+
+    def _with_maps(self, method, capture, *args, **kwargs):
         types = []
         for c in capture:
             if c not in ("probs", "out"):
@@ -220,7 +232,7 @@ class FaceCrafter(nnx.Module):
             types.append(AttentionProbs if c == "probs" else BranchOutputs)
         if not types:
             raise ValueError("forward_with_maps: capture is empty")
-        result = nnx.capture(type(self).__call__, *types)(self, latents, timesteps, id_context, **kwargs)
+        result = nnx.capture(method, *types)(self, *args, **kwargs)
         out, states = result[0], result[1:]
         return out, collect_control_maps(self.unet, states, prefix=("unet",))
 

@@ -180,20 +180,19 @@ def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransforma
             # control stages, trained in the base stage).
             text = model.text_encoder
             id_ctx, empty_ctx = text.encode_id(batch["arcface"]), text.encode_ids(empty_ids)
+            ad = jnp.zeros((), jnp.float32)
             if controls:
-                context, inputs = C.apply_conditioning(
-                    cond, id_ctx, empty_ctx,
-                    landmarks=batch["landmarks"] if "landmark" in controls else None,
-                    emotion=batch["emotion"] if "emotion" in controls else None)
+                raw = {"landmark": batch["landmarks"], "emotion": batch["emotion"]}
+                condition = C.draw_condition(model.facecrafter, cond, id_ctx, empty_ctx,
+                                             {c: raw[c] for c in controls})
+                if ad_cfg is not None:
+                    pred, maps = model.facecrafter.predict_with_maps(noisy, t, condition, capture=capture)
+                    ad = L.ad_loss(ad_cfg, maps, C.active_controls(cond))
+                else:
+                    pred = model.facecrafter.predict(noisy, t, condition)
             else:
                 context = jnp.where(id_null[:, None, None] > 0, jnp.broadcast_to(empty_ctx, id_ctx.shape), id_ctx)
-                inputs = {}
-            if ad_cfg is not None:
-                pred, maps = model.facecrafter.forward_with_maps(noisy, t, context, capture=capture, **inputs)
-                ad = L.ad_loss(ad_cfg, maps, C.active_controls(cond))
-            else:
-                pred = model.denoise(noisy, t, context, **inputs)
-                ad = jnp.zeros((), jnp.float32)
+                pred = model.unet(noisy, t, context)
             mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
             diffusion = jnp.mean(weight * mse)
             return diffusion + ad_weight * ad, {"diffusion_loss": diffusion, "ad_loss": ad}
