@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.extract import ExtractSettings, FaceExtractor, init_worker, process_in_worker
+from data_prep.identities import read_identity_csv
 from data_prep.manifest import MANIFEST_NAME, Manifest
 from facecrafter_jax.face.images import IMAGE_EXTENSIONS
 
@@ -126,12 +127,13 @@ class _Stage:
 def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: str, *, resolution: int = 512,
         workers: int | None = None, batch_size: int = 16, shard_size: int = 1000, latent_dtype: str = "float16",
         min_side: int | None = None, num_faces: int = 5, emonet_crop_scale: float = 0.75, all_files: bool = False,
-        retry_skipped: bool = False, limit: int | None = None, progress: bool = True) -> dict:
+        retry_skipped: bool = False, limit: int | None = None, progress: bool = True,
+        identity_csv: str | None = None) -> dict:
     """Process every image under ``images`` into records in ``out``; resumable. Returns a summary dict.
 
     See ``python -m data_prep run --help`` for the arguments.
     """
-    from facecrafter_jax.data.records import RecordWriter, read_dataset_info
+    from facecrafter_jax.data.records import RecordWriter, read_dataset_info, read_image_ids, write_identity_labels
 
     from data_prep.models import LatentModel
     from facecrafter_jax.face.arcface import ArcFaceONNX
@@ -152,6 +154,7 @@ def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: 
         raise FileNotFoundError(f"--vae: diffusers VAE folder not found: {vae}")
     root = os.path.abspath(images)
     all_ids = list_images(root, all_files=all_files, exclude=out)
+    identities = None if identity_csv is None else read_identity_csv(identity_csv, all_ids)
 
     # Models first: a wrong file fails before any work is done.
     arc_model = ArcFaceONNX(arcface)
@@ -187,6 +190,8 @@ def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: 
         finally:
             writer.close()  # commits the last (short) shard; on an exception the partial shard is kept
             stage.commit_pending()
+            if identities is not None:
+                write_identity_labels(out_path, {i: identities[i] for i in read_image_ids(out_path)})
     elapsed = time.time() - t_start
     summary.update(ok=stage.ok, skipped=dict(stage.skipped), seconds=round(elapsed, 2),
                    images_per_second=round(len(todo) / elapsed, 3) if elapsed > 0 else None)

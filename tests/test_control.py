@@ -379,30 +379,41 @@ def test_gradients_only_reach_adapter_params():
 # --------------------------------------------------------------------------------------------
 
 
-def test_mixed_conditioning_frequencies_match_config():
-    cfg = MixedConditioningConfig(id_only=0.1, id_landmark=0.2, id_emotion=0.3, id_landmark_emotion=0.32, all_null=0.08)
+PROBS = dict(id_landmark_emotion=0.3, id_landmark=0.15, id_emotion=0.2, id_only=0.1, landmark_emotion=0.05,
+             landmark_only=0.07, emotion_only=0.05, all_null=0.08)
+
+
+@pytest.mark.parametrize("absent", ["null", "off"])
+def test_mixed_conditioning_frequencies_match_config(absent):
+    """Every combination's frequency within 5 sigma; masks / nulls / id_null follow the setup in closed form."""
+    cfg = MixedConditioningConfig(absent=absent, **PROBS)
     n = 200_000
     s = jax.jit(sample_conditioning, static_argnums=(1, 2))(jax.random.key(3), n, cfg)
-    counts = np.bincount(np.asarray(s.setup), minlength=5)
+    counts = np.bincount(np.asarray(s.setup), minlength=len(SETUPS))
     for (name, p), c in zip(zip(SETUPS, cfg.probabilities()), counts):
         sigma = math.sqrt(n * p * (1 - p))
         assert abs(c - n * p) < 5 * sigma, (name, c, n * p)
     setup = np.asarray(s.setup)
-    lm, em = np.asarray(s.masks["landmark"]), np.asarray(s.masks["emotion"])
-    # Closed-form marginals: P(landmark branch on) = P(ID+LMK) + P(ID+LMK+EMO) + P(all-null).
-    for arr, p in ((lm, 0.2 + 0.32 + 0.08), (em, 0.3 + 0.32 + 0.08), (np.asarray(s.id_null), 0.08)):
-        assert abs(arr.mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
-    act = active_controls(s)
-    np.testing.assert_array_equal(np.asarray(act["landmark"]), np.isin(setup, [1, 3]).astype(np.float32))
-    np.testing.assert_array_equal(np.asarray(act["emotion"]), np.isin(setup, [2, 3]).astype(np.float32))
-    null = setup == 4
-    assert np.all(lm[null] == 1) and np.all(np.asarray(s.nulls["emotion"])[null] == 1)
-    assert np.all(np.asarray(s.nulls["landmark"])[~null] == 0)
+    names = np.array(list(SETUPS))[setup]
+    real = {c: np.array([c in SETUPS[nm][1] for nm in names]) for c in ("landmark", "emotion")}
+    np.testing.assert_array_equal(np.asarray(s.id_null), [0.0 if SETUPS[nm][0] else 1.0 for nm in names])
+    for c in ("landmark", "emotion"):
+        np.testing.assert_array_equal(np.asarray(s.nulls[c]), (~real[c]).astype(np.float32))
+        want_mask = np.ones(n) if absent == "null" else (real[c] | (names == "all_null"))
+        np.testing.assert_array_equal(np.asarray(s.masks[c]), want_mask.astype(np.float32))
+        np.testing.assert_array_equal(np.asarray(active_controls(s)[c]), real[c].astype(np.float32))
+    # an ID-only sample: identity kept, every control branch on its null tokens (absent "null")
+    i = int(np.flatnonzero(names == "id_only")[0])
+    assert float(s.id_null[i]) == 0.0 and all(float(s.nulls[c][i]) == 1.0 for c in ("landmark", "emotion"))
+    assert all(float(s.masks[c][i]) == (1.0 if absent == "null" else 0.0) for c in ("landmark", "emotion"))
+    # closed-form marginal: P(landmark real) = sum of the setups where it is real
+    p_l = PROBS["id_landmark_emotion"] + PROBS["id_landmark"] + PROBS["landmark_emotion"] + PROBS["landmark_only"]
+    assert abs(real["landmark"].mean() - p_l) < 5 * math.sqrt(p_l * (1 - p_l) / n)
 
 
 def test_mixed_conditioning_default_deterministic_and_applied():
     cfg = MixedConditioningConfig()
-    assert cfg.probabilities() == (0.2375, 0.2375, 0.2375, 0.2375, 0.05)
+    assert cfg.probabilities() == (0.25, 0.2, 0.2, 0.225, 0.025, 0.025, 0.025, 0.05)
     a = sample_conditioning(jax.random.key(0), 64)
     b = sample_conditioning(jax.random.key(0), 64)
     c = sample_conditioning(jax.random.key(1), 64)
@@ -482,16 +493,23 @@ def test_setup_conditions_uniform_structure_and_semantics():
 def test_mixed_conditioning_config_errors_and_single_stage():
     with pytest.raises(ValueError, match="sum to 1"):
         MixedConditioningConfig(all_null=0.2)
-    with pytest.raises(ValueError, match="id_emotion"):
+    with pytest.raises(ValueError, match="id_landmark_emotion"):
         MixedConditioningConfig(controls=("landmark",))
     with pytest.raises(ValueError, match="unknown mixed-conditioning config key"):
         MixedConditioningConfig.from_dict({"drop_rate": 0.1})
+    with pytest.raises(ValueError, match="absent must be one of"):
+        MixedConditioningConfig(absent="skip")
+    # a section that gives probabilities gives all non-zero ones: the setups it leaves out get 0
+    part = MixedConditioningConfig.from_dict({"id_only": 0.5, "id_landmark": 0.5, "controls": ("landmark",)})
+    assert part.probabilities() == (0.0, 0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0)
     single = MixedConditioningConfig.single("landmark")
+    assert single.probabilities() == pytest.approx((0.0, 0.45, 0.0, 0.4, 0.0, 0.1, 0.0, 0.05))
     s = sample_conditioning(jax.random.key(0), 4000, single)
     assert set(s.masks) == {"landmark"}
     setup = np.asarray(s.setup)
-    assert set(np.unique(setup)) <= {0, 1, 4}
-    assert abs((setup == 1).mean() - 0.475) < 0.04
+    names = list(SETUPS)
+    assert set(np.unique(setup)) <= {names.index(n) for n in ("id_landmark", "id_only", "landmark_only", "all_null")}
+    assert abs((setup == names.index("id_landmark")).mean() - 0.45) < 0.04
 
 
 def test_bf16_compute_keeps_float32_params_and_stats():

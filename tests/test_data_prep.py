@@ -416,3 +416,20 @@ def test_clear_errors_for_bad_models_and_paths(tmp_path, shared_models):
                   block_out_channels=(32, 32, 32), layers_per_block=1, norm_num_groups=32).save_pretrained(tmp_path / "vae4")
     with pytest.raises(ValueError, match="downsamples by 4"):
         LatentModel(str(tmp_path / "vae4"), 64, 2)
+
+
+def test_identity_csv(tmp_path):
+    from data_prep.identities import read_identity_csv
+
+    ids = ["a/1.jpg", "a/2.jpg", "b/x.png"]
+    f = tmp_path / "ids.csv"
+    f.write_text("path,identity\na/1.jpg,alice\n./a/2.jpg, alice\nb/x.png,bob\n")
+    assert read_identity_csv(f, ids) == {"a/1.jpg": "alice", "a/2.jpg": "alice", "b/x.png": "bob"}
+    with pytest.raises(ValueError, match="no identity for 1 image"):
+        read_identity_csv(f, ids + ["c.jpg"])
+    f.write_text("file,person\na/1.jpg,alice\n")
+    with pytest.raises(ValueError, match="'identity' column"):
+        read_identity_csv(f, ids[:1])
+    f.write_text("image,identity\na/1.jpg,alice\na/1.jpg,bob\n")
+    with pytest.raises(ValueError, match="two identities"):
+        read_identity_csv(f, ids[:1])

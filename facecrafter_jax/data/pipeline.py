@@ -2,18 +2,23 @@
 
 Order of operations (one grain ``MapDataset`` chain, identical on every process)::
 
-    MapDataset.source(ArrayRecordDataSource(shards))
+    MapDataset.range(num_records)
       .seed(seed) -> .shuffle()           index shuffle, a different permutation each epoch (seed + epoch)
       .repeat(num_epochs)                 None = forever
+      .random_map(other photo)            optional: index -> (index, index of another photo of the same identity)
       [process_index::process_count]      each process gets a disjoint, interleaved slice
-      .map(decode)                        bytes -> dict of numpy arrays (np.frombuffer)
+      .map(read + decode)                 ArrayRecord bytes -> dict of numpy arrays (np.frombuffer)
       .batch(global_batch // process_count, drop_remainder=True)
       .to_iter_dataset(ReadOptions)       threads in the reading process
       .mp_prefetch(worker_count)          optional worker processes (each takes every worker_count-th batch)
     then, in the training process: jax.make_array_from_process_local_data(sharding, batch)
 
 Every process must use the same ``seed`` (so all see the same global permutation) and the same
-``global_batch_size``. The iterator state (a small JSON dict per process) is saved with orbax, see
+``global_batch_size``. The other-photo draw (``other_photo_identity`` > 0) happens before the per-process slice,
+so it depends only on (seed, position in the global sequence), not on the process layout: with probability p a
+record's ``arcface`` is replaced by that of another record of the same identity
+(:func:`~facecrafter_jax.data.records.read_identity_labels`), as at inference the identity comes from a reference
+photo, not from the target image; an identity with one record keeps its own. The iterator state (a small JSON dict per process) is saved with orbax, see
 :func:`save_iterator_state` / :func:`restore_iterator_state` and :func:`iterator_save_args` /
 :func:`iterator_restore_args` for putting it into the training checkpoint's ``ocp.args.Composite``.
 """
@@ -46,6 +51,49 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+class OtherPhoto:
+    """Picklable grain random map: record index -> (index, index whose ``arcface`` it uses).
+
+    With probability ``p`` the second index is drawn uniformly from the other records of the same identity; an
+    identity with a single record (or probability 1 - p) keeps the record's own index.
+    """
+
+    def __init__(self, labels: Sequence[str], p: float):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"other-photo identity probability must be in [0, 1], got {p}")
+        self.p = float(p)
+        codes: dict[str, int] = {}
+        self.label = np.asarray([codes.setdefault(lab, len(codes)) for lab in labels], np.int64)
+        order = np.argsort(self.label, kind="stable")
+        bounds = np.searchsorted(self.label[order], np.arange(len(codes) + 1))
+        self.members = [order[bounds[k]:bounds[k + 1]] for k in range(len(codes))]
+
+    def __call__(self, index: int, rng: np.random.Generator) -> tuple[int, int]:
+        index = int(index)
+        group = self.members[self.label[index]]
+        if len(group) < 2 or rng.random() >= self.p:
+            return index, index
+        k = int(rng.integers(len(group) - 1))  # uniform over the group without the record itself
+        if k >= int(np.searchsorted(group, index)):
+            k += 1
+        return index, int(group[k])
+
+
+class ReadRecord:
+    """Picklable grain map: record index (or ``(index, arcface index)``) -> decoded fields of that record."""
+
+    def __init__(self, source, decode: "DecodeRecord"):
+        self.source = source
+        self.decode = decode
+
+    def __call__(self, item) -> dict[str, Any]:
+        index, other = (item, item) if np.ndim(item) == 0 else (int(item[0]), int(item[1]))
+        rec = self.decode(self.source[int(index)])
+        if other != index and "arcface" in rec:
+            rec["arcface"] = self.decode.codec.decode(self.source[other])["arcface"]
+        return rec
+
+
 class DecodeRecord:
     """Picklable grain map: record bytes -> dict of the selected fields (numpy arrays; image_id a str)."""
 
@@ -58,10 +106,10 @@ class DecodeRecord:
         unknown = sorted(set(self.fields) - set(R.FIELDS))
         if unknown:
             raise R.RecordError(f"unknown field(s) {unknown} requested; record fields are {list(R.FIELDS)}")
-        self._codec = R.RecordCodec(resolution, latent_dtype, latent_side)
+        self.codec = R.RecordCodec(resolution, latent_dtype, latent_side)
 
     def __call__(self, data: bytes) -> dict[str, Any]:
-        rec = self._codec.decode(data)
+        rec = self.codec.decode(data)
         return {k: rec[k] for k in self.fields}
 
     def __getstate__(self):
@@ -97,6 +145,7 @@ class PipelineSpec:
     process_index: int
     process_count: int
     worker_count: int
+    other_photo_identity: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -184,7 +233,7 @@ class InputPipeline:
         """Restores a position from :meth:`get_state`; the pipeline spec must match (clear error otherwise)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"iterator state version {state.get('version')!r} is not supported ({STATE_VERSION})")
-        saved, mine = state["spec"], self.spec.to_json()
+        saved, mine = {"other_photo_identity": 0.0, **state["spec"]}, self.spec.to_json()  # key added later
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
@@ -223,6 +272,7 @@ def make_pipeline(
     read_buffer_size: int = 4,
     sharding: Any = "default",
     device_prefetch: int = 2,
+    other_photo_identity: float = 0.0,
 ) -> InputPipeline:
     """Builds the training input pipeline over the complete shards of ``data_dir``.
 
@@ -243,6 +293,8 @@ def make_pipeline(
         sharding: ``jax.sharding.Sharding`` for the numeric fields of each global batch; ``"default"`` is
             :func:`data_sharding` over all devices; ``None`` yields host numpy batches.
         device_prefetch: batches placed on device ahead of the consumer.
+        other_photo_identity: probability that a record's ``arcface`` comes from another record of the same
+            identity (module docstring); 0 keeps every record's own.
     """
     data_dir = Path(data_dir)
     info = R.read_dataset_info(data_dir)
@@ -269,17 +321,20 @@ def make_pipeline(
         shards=tuple(sorted(counts.items())), resolution=info["resolution"], latent_dtype=info["latent_dtype"],
         fields=decode.fields, seed=int(seed), shuffle=bool(shuffle), num_epochs=num_epochs,
         global_batch_size=int(global_batch_size), process_index=int(process_index),
-        process_count=int(process_count), worker_count=int(worker_count))
+        process_count=int(process_count), worker_count=int(worker_count),
+        other_photo_identity=float(other_photo_identity))
     local_batch = global_batch_size // process_count
 
     # Shard files named with their record counts ("path[0:n]") so grain does not reopen each one to count.
     source = grain.sources.ArrayRecordDataSource([f"{data_dir / name}[0:{n}]" for name, n in spec.shards])
-    ds = grain.MapDataset.source(source).seed(seed)
+    ds = grain.MapDataset.range(sum(n for _, n in spec.shards)).seed(seed)
     if shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(num_epochs)
+    if other_photo_identity > 0:
+        ds = ds.random_map(OtherPhoto(R.read_identity_labels(data_dir), other_photo_identity))
     ds = ds[process_index::process_count]
-    ds = ds.map(decode)
+    ds = ds.map(ReadRecord(source, decode))
     ds = ds.batch(local_batch, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
     if worker_count > 0:

@@ -11,12 +11,12 @@ Emotion targets (:func:`~facecrafter_jax.face.vocabulary.emotion_vector`) live i
 """
 
 from .arc2face import Arc2FacePipeline, SampleOutput
-from .facecrafter import NULL_CONTROL_MODES, FaceCrafterPipeline
+from .facecrafter import FaceCrafterPipeline, branch_setups
 from .guidance import (SCHEDULERS, combine_guidance, concat_conditions, guidance_branches, guided_denoiser,
                        initial_noise, make_plan, sample_latents, to_uint8)
 
 __all__ = [
-    "NULL_CONTROL_MODES", "SCHEDULERS", "Arc2FacePipeline", "FaceCrafterPipeline", "guidance_branches",
+    "SCHEDULERS", "Arc2FacePipeline", "FaceCrafterPipeline", "branch_setups", "guidance_branches",
     "SampleOutput", "combine_guidance", "concat_conditions", "guided_denoiser", "initial_noise", "make_plan",
     "sample_latents", "to_uint8",
 ]

@@ -21,7 +21,9 @@ import numpy as np
 from facecrafter_jax.errors import ConfigError, DataError, run_cli
 from facecrafter_jax.face.vocabulary import EMOTION_CLASSES, ID_DIM, NUM_LANDMARKS, emotion_vector
 
-from .facecrafter import NULL_CONTROL_MODES, FaceCrafterPipeline
+from facecrafter_jax.conditioning import ABSENT_CONTROLS
+
+from .facecrafter import FaceCrafterPipeline
 from .guidance import SCHEDULERS
 
 __all__ = ["USAGE", "build_parser", "validate", "embed_id_image", "landmarks_from_image", "generate", "main"]
@@ -40,7 +42,9 @@ Examples:
 
 Controls (--landmarks / --landmarks-from, --emotion, --valence / --arousal) need a checkpoint with the
 FaceCrafter `adapters` component. Guidance: eps = e(null) + g_id (e(id) - e(null)) + g_ctl (e(id+controls)
-- e(id)), one model call per step; without controls the run is exactly Arc2Face.
+- e(id)), one model call per step. A control that is not given runs on its learned null tokens (as in
+training), so a FaceCrafter checkpoint sampled with identity only still uses its control modules; with
+--absent-controls off, or a checkpoint without adapters, ID-only sampling is exactly Arc2Face.
 
 Every bad input (missing checkpoint or file, unreadable or face-less --id-image, wrong embedding shape,
 unknown emotion, valence / arousal outside [-1, 1], ...) is reported as one line `error: ...` on stderr
@@ -120,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 1.0)")
     c.add_argument("--emotion-scale", type=float, metavar="L", help="lambda of the emotion attention branch "
                    "(default 1.0)")
-    c.add_argument("--null-controls", choices=NULL_CONTROL_MODES, default="auto",
-                   help="control branches in the unconditional (null) branch: 'tokens' = the learned null tokens "
-                        "(training's all-null setup), 'off' = switched off (Arc2Face's), 'auto' (default) = tokens "
-                        "when a control is given, else off")
+    c.add_argument("--absent-controls", choices=ABSENT_CONTROLS, default="null",
+                   help="what the checkpoint's controls that are not given do: 'null' (default) = their learned null "
+                        "tokens, as in training (so ID-only sampling uses the control modules too); 'off' = switched "
+                        "off (an ablation: ID-only sampling is then the Arc2Face base exactly)")
     return p
 
 
@@ -354,8 +358,6 @@ def validate(args) -> dict:
             if name in controls and module not in have:
                 raise ConfigError(f"checkpoint {args.checkpoint} has no {module} module: "
                                f"--{'landmarks' if name == 'landmarks' else 'emotion/--valence/--arousal'} cannot be used")
-    if args.null_controls == "tokens" and not have:
-        raise ConfigError(f"--null-controls tokens: checkpoint {args.checkpoint} has no control modules (no adapters component)")
 
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -408,8 +410,9 @@ def generate(v: dict, args) -> dict:
     from facecrafter_jax.sample_set import write_samples_json
 
     ctl = v["controls"]
-    # the adapters are loaded when a control or the null tokens are used; otherwise the run is plain Arc2Face
-    use_adapters = bool(v["available_controls"]) and (bool(ctl) or args.null_controls == "tokens")
+    # the adapters are used whenever the checkpoint has them, except for ID-only sampling with --absent-controls off
+    # (plain Arc2Face); a checkpoint without adapters is Arc2Face
+    use_adapters = bool(v["available_controls"]) and (bool(ctl) or args.absent_controls == "null")
     components = ("unet", "text_encoder", "vae") + (("adapters",) if use_adapters else ())
     t0 = time.perf_counter()
     models = load_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
@@ -429,7 +432,7 @@ def generate(v: dict, args) -> dict:
     elif lmk is not None:
         np.save(os.path.join(v["out"], "landmarks.npy"), lmk)
     settings = dict(num_steps=args.steps, guidance_id=args.guidance_id, guidance_control=args.guidance_control,
-                    null_controls=args.null_controls, height=v["height"], width=v["width"])
+                    absent_controls=args.absent_controls, height=v["height"], width=v["width"])
     scales = dict(landmark_scale=1.0 if args.landmark_scale is None else args.landmark_scale,
                   emotion_scale=1.0 if args.emotion_scale is None else args.emotion_scale)
 
@@ -493,9 +496,8 @@ def generate(v: dict, args) -> dict:
             "guidance_control_used": (args.guidance_control if args.guidance_control is not None else args.guidance_id)
             if ctl else None,
             "guidance": "eps = e(null) + g_id (e(id) - e(null)) + g_ctl (e(id+controls) - e(id))",
-            "null_controls": args.null_controls,
-            "null_branch": ("empty prompt + control branches on their null tokens" if pipe.null_tokens_used(
-                bool(ctl), args.null_controls) else "empty prompt, control branches off"),
+            "absent_controls": args.absent_controls,
+            "null_branch": pipe.null_branch(bool(ctl), args.absent_controls),
             "seed": args.seed,
             "height": v["height"], "width": v["width"], "dtype": args.dtype,
             "noise": "image i: jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), [h, w, 4], float32)",

@@ -17,27 +17,28 @@ import numpy as np
 from flax import nnx
 
 from facecrafter_jax import tokens as _tokens
-from facecrafter_jax.conditioning import Setup, setup_conditions
+from facecrafter_jax.conditioning import ABSENT_CONTROLS, Setup, controls_run, setup_conditions
 from facecrafter_jax.face.vocabulary import EMOTION_DIM, NUM_LANDMARKS
 
 from .arc2face import Arc2FacePipeline, SampleOutput
 from .guidance import guidance_branches, make_plan, sample_latents
 
-__all__ = ["NULL_CONTROL_MODES", "FaceCrafterPipeline", "branch_setups"]
+__all__ = ["FaceCrafterPipeline", "branch_setups"]
 
-NULL_CONTROL_MODES = ("auto", "tokens", "off")
-"""How the unconditional branch treats the control modules (see :class:`FaceCrafterPipeline`)."""
-
-
-def branch_setups(branches: tuple[int, ...], given: Sequence[str], null_tokens: bool) -> tuple[Setup, ...]:
+def branch_setups(branches: tuple[int, ...], given: Sequence[str], absent: str) -> tuple[Setup, ...]:
     """The :class:`~facecrafter_jax.conditioning.Setup` of each guidance branch (0 = null, 1 = id, 2 = id + controls).
 
-    The null branch runs the control branches on their null tokens when ``null_tokens``, else switches them off;
-    the id branch switches them off; the id + controls branch gives ``given`` and switches the others off.
+    ``absent="null"``: every control that a branch does not give runs on its null tokens (training's semantics;
+    the null branch is the all-null setup, the id branch ID-only with null tokens). ``absent="off"``: absent
+    controls are switched off, except that the null branch uses the null tokens when some control is given
+    (then a call without controls is Arc2Face's exactly).
     """
-    table = {0: Setup(identity=False, absent="null" if null_tokens else "off"),
-             1: Setup(identity=True),
-             2: Setup(identity=True, controls=tuple(given))}
+    if absent not in ABSENT_CONTROLS:
+        raise ValueError(f"absent_controls must be one of {ABSENT_CONTROLS}, got {absent!r}")
+    null_branch = "null" if absent == "null" or given else "off"
+    table = {0: Setup(identity=False, absent=null_branch),
+             1: Setup(identity=True, absent=absent),
+             2: Setup(identity=True, controls=tuple(given), absent=absent)}
     return tuple(table[b] for b in branches)
 
 
@@ -73,20 +74,20 @@ class FaceCrafterPipeline(Arc2FacePipeline):
 
         eps = e(null) + g_id (e(id) - e(null)) + g_ctl (e(id + controls) - e(id))
 
-    * ``id``: the Arc2Face identity context with every control branch switched off (mask 0): exactly
-      the base Arc2Face prediction.
+    * ``id``: the Arc2Face identity context, every control of the model on its null tokens (the all-zero raw
+      input through its encoder, weight 1): the ID-only setup training uses.
     * ``id + controls``: the same context plus the given controls at scale ``lambda_c``
-      (``landmark_scale`` / ``emotion_scale``); a control not given stays off.
-    * ``null``: the empty-prompt context, and the controls per ``null_controls``: ``"tokens"`` runs
-      every control branch of the model on its learned null tokens (the all-zero raw input, weight 1:
-      the ``all_null`` setup training uses for the unconditional side, ``docs/method.md``); ``"off"``
-      switches them off (Arc2Face's unconditional branch); ``"auto"`` (default) is ``"tokens"`` when a
-      control is given and ``"off"`` otherwise, so a call without controls is exactly
-      :class:`Arc2FacePipeline` (it runs the same compiled program).
+      (``landmark_scale`` / ``emotion_scale``); a control not given stays on its null tokens.
+    * ``null``: the empty-prompt context, every control on its null tokens (the all-null setup).
+
+    ``absent_controls="off"`` (an ablation, not the default) switches the controls a branch does not give off
+    instead: then the ``id`` branch is exactly the base Arc2Face prediction, the ``null`` branch uses the null
+    tokens only when some control is given, and a call without controls is exactly :class:`Arc2FacePipeline`.
+    A model without control modules always samples as :class:`Arc2FacePipeline`.
 
     Branches with a zero coefficient are not computed (:func:`guidance_branches`); ``guidance_control``
     defaults to ``guidance_id`` (then ``eps = e(null) + g (e(id + controls) - e(null))``: 2 branches).
-    Programs are compiled per (batch, size, steps, sampler, branches, controls given, null mode, decode);
+    Programs are compiled per (batch, size, steps, sampler, branches, controls given, absent mode, decode);
     the guidance values, the control inputs, the scales and the weights are traced arguments.
     """
 
@@ -98,11 +99,12 @@ class FaceCrafterPipeline(Arc2FacePipeline):
         self.controls: tuple[str, ...] = tuple(getattr(model, "controls", ()) or ())
         self._defs["model"], self._states["model"] = nnx.split(model)
 
-    def null_tokens_used(self, has_controls: bool, null_controls: str = "auto") -> bool:
-        """Whether the null branch runs the control branches on their null tokens for these settings."""
-        if null_controls not in NULL_CONTROL_MODES:
-            raise ValueError(f"null_controls must be one of {NULL_CONTROL_MODES}, got {null_controls!r}")
-        return bool(self.controls) and (null_controls == "tokens" or (null_controls == "auto" and has_controls))
+    def null_branch(self, has_controls: bool, absent_controls: str = "null") -> str:
+        """What the unconditional branch is for these settings (recorded by sample.py in samples.json)."""
+        if not self.controls:
+            return "empty prompt (no control modules)"
+        tokens = absent_controls == "null" or has_controls
+        return "empty prompt + control branches on their null tokens" if tokens else "empty prompt, control branches off"
 
     # -- inputs -----------------------------------------------------------------------------------------
     def _control_input(self, name: str, value, batch: int) -> jax.Array | None:
@@ -133,57 +135,49 @@ class FaceCrafterPipeline(Arc2FacePipeline):
             raise ValueError(f"{name}_scale contains NaN or Inf")
         return s
 
-    def _fc_program(self, arcface, inputs, weights, noise, plan, scales, branches, run, null_tokens, decode):
+    def _fc_program(self, arcface, inputs, weights, noise, plan, scales, setups, decode):
         key = ("facecrafter", arcface.shape, str(arcface.dtype), noise.shape, jax.tree.structure(plan),
-               tuple(sorted(inputs)), branches, run, null_tokens, decode)
+               tuple(sorted(inputs)), setups, decode)
         compiled = self._compiled.get(key)
         if compiled is None:
-            setups = branch_setups(branches, tuple(n for n in run if n in inputs), null_tokens)
             fn = functools.partial(_facecrafter_program, self._defs["model"], self._defs["text_encoder"],
                                    self._defs.get("vae"), setups, decode)
             t0 = time.perf_counter()
             compiled = jax.jit(fn).lower(self._states["model"], self._states["text_encoder"], self._states.get("vae"),
                                          arcface, inputs, weights, noise, plan, scales).compile()
             self.compile_log.append({"batch": int(arcface.shape[0]), "latent_shape": tuple(noise.shape[1:]),
-                                     "plan": type(plan).__name__, "num_steps": plan.num_steps, "branches": branches,
-                                     "controls": run, "given": tuple(sorted(inputs)), "null_tokens": null_tokens,
+                                     "plan": type(plan).__name__, "num_steps": plan.num_steps, "setups": setups,
+                                     "controls": controls_run(self.controls, setups), "given": tuple(sorted(inputs)),
                                      "decode": decode, "seconds": time.perf_counter() - t0})
             self._compiled[key] = compiled
         return compiled
 
     def _setup(self, arcface, landmarks, emotion, guidance_id, guidance_control, landmark_scale, emotion_scale,
-               null_controls):
+               absent_controls):
         arcface = jnp.asarray(arcface, jnp.float32)
         if arcface.ndim != 2:
             raise ValueError(f"arcface_embeddings must be [batch, dim], got shape {tuple(arcface.shape)}")
         batch = arcface.shape[0]
-        if null_controls not in NULL_CONTROL_MODES:
-            raise ValueError(f"null_controls must be one of {NULL_CONTROL_MODES}, got {null_controls!r}")
+        if absent_controls not in ABSENT_CONTROLS:
+            raise ValueError(f"absent_controls must be one of {ABSENT_CONTROLS}, got {absent_controls!r}")
         inputs = {n: v for n, v in (("landmark", self._control_input("landmark", landmarks, batch)),
                                     ("emotion", self._control_input("emotion", emotion, batch))) if v is not None}
-        if null_controls == "tokens" and not self.controls:
-            raise ValueError("null_controls='tokens' needs a model with control modules")
-        null_tokens = null_controls == "tokens" or (null_controls == "auto" and bool(inputs))
         g1 = float(guidance_id)
         g2 = g1 if guidance_control is None else float(guidance_control)
         if not (np.isfinite(g1) and np.isfinite(g2)):
             raise ValueError(f"guidance scales must be finite, got {g1}, {g2}")
         branches, chain = guidance_branches(g1, g2, bool(inputs))
-        # control branches the model call runs: all of the model's when the null branch uses null tokens,
-        # else only the given ones (none at all: the plain UNet, Arc2Face's program)
-        if null_tokens and 0 in branches:
-            run = self.controls
-        else:
-            run = tuple(n for n in self.controls if n in inputs and 2 in branches)
         scales_in = {"landmark": landmark_scale, "emotion": emotion_scale}
         weights = {n: self._scale(n, scales_in[n], batch) for n in inputs}  # validated even when unused
         # inputs of a branch that is not computed (g_ctl = 0) are dropped: same program as ID-only
-        inputs = {n: v for n, v in inputs.items() if n in run and 2 in branches}
-        weights = {n: w for n, w in weights.items() if n in inputs}
-        return arcface, inputs, weights, branches, jnp.asarray(chain, jnp.float32), run, null_tokens, g1, g2
+        if 2 not in branches:
+            inputs, weights = {}, {}
+        setups = branch_setups(branches, tuple(n for n in self.controls if n in inputs), absent_controls)
+        run = controls_run(self.controls, setups)  # none: the plain UNet, Arc2Face's program
+        return arcface, inputs, weights, jnp.asarray(chain, jnp.float32), setups, run, g1
 
     def compile(self, batch: int, *, num_steps: int = 25, scheduler: str | None = None, guidance_id: float = 3.0,
-                guidance_control: float | None = None, controls: Sequence[str] = (), null_controls: str = "auto",
+                guidance_control: float | None = None, controls: Sequence[str] = (), absent_controls: str = "null",
                 height: int | None = None, width: int | None = None, output_type: str = "uint8",
                 id_dim: int = 512, guidance_scale: float | None = None) -> float:
         """Compile ahead of time for these settings (``controls``: the names that will be given, e.g.
@@ -196,8 +190,8 @@ class FaceCrafterPipeline(Arc2FacePipeline):
             raise ValueError(f"unknown control(s) {unknown}")
         lmk = np.zeros((batch, NUM_LANDMARKS, 3), np.float32) if "landmark" in controls else None
         emo = np.zeros((batch, EMOTION_DIM), np.float32) if "emotion" in controls else None
-        arcface, inputs, weights, branches, chain, run, null_tokens, g1, _ = self._setup(
-            np.zeros((batch, id_dim), np.float32), lmk, emo, guidance_id, guidance_control, 1.0, 1.0, null_controls)
+        arcface, inputs, weights, chain, setups, run, g1 = self._setup(
+            np.zeros((batch, id_dim), np.float32), lmk, emo, guidance_id, guidance_control, 1.0, 1.0, absent_controls)
         noise = jnp.zeros((batch,) + self.latent_shape(height, width), jnp.float32)
         plan = make_plan(scheduler or self.scheduler, num_steps, self.scheduler_config)
         decode = self._decode_flag(output_type)
@@ -205,13 +199,13 @@ class FaceCrafterPipeline(Arc2FacePipeline):
             use_uncond = g1 != 1.0
             self._program(arcface, noise, plan, jnp.asarray([g1] if use_uncond else [], jnp.float32), use_uncond, decode)
             return self.compile_log[-1]["seconds"] if len(self.compile_log) > n else 0.0
-        self._fc_program(arcface, inputs, weights, noise, plan, chain, branches, run, null_tokens, decode)
+        self._fc_program(arcface, inputs, weights, noise, plan, chain, setups, decode)
         return self.compile_log[-1]["seconds"] if len(self.compile_log) > n else 0.0
 
     # -- sampling ---------------------------------------------------------------------------------------
     def __call__(self, arcface_embeddings, *, landmarks=None, emotion=None, guidance_id: float = 3.0,
                  guidance_control: float | None = None, landmark_scale=1.0, emotion_scale=1.0,
-                 null_controls: str = "auto", num_steps: int = 25, scheduler: str | None = None, seed: int = 0,
+                 absent_controls: str = "null", num_steps: int = 25, scheduler: str | None = None, seed: int = 0,
                  first_index: int = 0, latents=None, height: int | None = None, width: int | None = None,
                  output_type: str = "uint8", guidance_scale: float | None = None) -> SampleOutput:
         """Sample one image per identity embedding, with optional landmark / emotion targets.
@@ -225,7 +219,8 @@ class FaceCrafterPipeline(Arc2FacePipeline):
             guidance_id: ``g_id``, identity against the null branch (Arc2Face: 3.0).
             guidance_control: ``g_ctl``, controls on top of the identity (default: ``guidance_id``).
             landmark_scale, emotion_scale: ``lambda_c`` of the decoupled attention, a number or ``[B]``.
-            null_controls: ``"auto"``, ``"tokens"`` or ``"off"`` (see the class docstring).
+            absent_controls: ``"null"`` (default: controls not given run on their null tokens) or ``"off"``
+                (switched off; see the class docstring).
             guidance_scale: alias of ``guidance_id`` (the :class:`Arc2FacePipeline` name).
             The others: as :meth:`Arc2FacePipeline.__call__`.
 
@@ -234,18 +229,18 @@ class FaceCrafterPipeline(Arc2FacePipeline):
         """
         if guidance_scale is not None:
             guidance_id = guidance_scale
-        arcface, inputs, weights, branches, chain, run, null_tokens, g1, g2 = self._setup(
+        arcface, inputs, weights, chain, setups, run, g1 = self._setup(
             arcface_embeddings, landmarks, emotion, guidance_id, guidance_control, landmark_scale, emotion_scale,
-            null_controls)
+            absent_controls)
         if not run:
-            # no control branch runs (no controls, or g_ctl = 0 with null_controls off): exactly Arc2Face,
+            # no control branch runs (no control modules, or absent_controls="off" without controls): Arc2Face,
             # e0 + g_id (e1 - e0), with its compiled program
             return super().__call__(arcface, num_steps=num_steps, guidance_scale=g1, scheduler=scheduler, seed=seed,
                                     first_index=first_index, latents=latents, height=height, width=width,
                                     output_type=output_type)
         decode, noise, plan = self._prepare(arcface, output_type, latents, seed, first_index, height, width,
                                             num_steps, scheduler)
-        program = self._fc_program(arcface, inputs, weights, noise, plan, chain, branches, run, null_tokens, decode)
+        program = self._fc_program(arcface, inputs, weights, noise, plan, chain, setups, decode)
         out = program(self._states["model"], self._states["text_encoder"], self._states.get("vae"), arcface, inputs,
                       weights, noise, plan, chain)
         return self._output(out, noise, output_type)

@@ -6,8 +6,9 @@ the whole run and across resumes). Columns: one per conditioning setup the model
 landmarks / emotion. Every image starts from the same seeded noise per row
 (:func:`facecrafter_jax.sampling.initial_noise`), so columns differ only by the conditions.
 Sampling: ``sample.scheduler`` with ``sample.num_steps`` steps and classifier-free guidance
-``sample.guidance_scale`` against the null condition (empty-prompt identity, controls off); the conditions
-come from :func:`facecrafter_jax.conditioning.setup_conditions`, as in the samplers.
+``sample.guidance_scale`` against the null condition (empty-prompt identity, every control on its null tokens);
+a column's absent controls are their null tokens too. The conditions come from
+:func:`facecrafter_jax.conditioning.setup_conditions`, as in the samplers.
 The trained parameters used are the EMA copy when the run keeps one.
 
 Written to ``<run_dir>/samples/step_XXXXXXX.png`` (and TensorBoard). Without a VAE in the model config
