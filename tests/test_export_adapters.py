@@ -14,9 +14,11 @@ from flax import nnx
 
 from facecrafter_jax import torch_facecrafter as tfc
 from facecrafter_jax.convert.cli import main
-from facecrafter_jax.models import control, facecrafter as fcm
+from facecrafter_jax.convert import adapters as fca
+from facecrafter_jax.convert.adapters import adapter_key_map, load_adapter_state
+from facecrafter_jax.models import control
 from facecrafter_jax.models.control import FROZEN, AdapterParam
-from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig, adapter_key_map, load_adapter_state
+from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
 from facecrafter_jax.pretrained import load_pretrained, save_pretrained
 from tiny_models import tiny_unet
 
@@ -211,7 +213,7 @@ def test_to_diffusers_without_adapters_writes_no_adapter_files(exported):
 def test_torch_and_flax_constants_agree():
     assert tfc.CONTROL_INPUT_DIMS == control.CONTROL_INPUT_DIMS and tfc.LAYER_NORM_EPS == control.LAYER_NORM_EPS
     assert (tfc.ADAPTERS_FILE, tfc.ADAPTERS_CONFIG_FILE, tfc.ADAPTERS_FORMAT) == \
-           (fcm.ADAPTERS_FILE, fcm.ADAPTERS_CONFIG_FILE, fcm.ADAPTERS_FORMAT)
+           (fca.ADAPTERS_FILE, fca.ADAPTERS_CONFIG_FILE, fca.ADAPTERS_FORMAT)
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,23 +78,10 @@ def export_to_diffusers(checkpoint: str, out: str) -> list[str]:
         save_vae_diffusers(models.vae, d)
         written.append(d)
     if models.adapters is not None:
+        from facecrafter_jax.convert.adapters import export_adapters
+
         written.extend(export_adapters(models.adapters, out))
     return written
-
-
-def export_adapters(model, out: str) -> list[str]:
-    """Write ``OUT/facecrafter_adapters.safetensors`` (PyTorch layout) and ``OUT/facecrafter_adapters.json``."""
-    from safetensors.numpy import save_file
-
-    from facecrafter_jax.models.facecrafter import export_adapter_state
-    from facecrafter_jax.models.facecrafter import ADAPTERS_CONFIG_FILE, ADAPTERS_FILE, ADAPTERS_FORMAT
-
-    os.makedirs(out, exist_ok=True)
-    weights, config = os.path.join(out, ADAPTERS_FILE), os.path.join(out, ADAPTERS_CONFIG_FILE)
-    save_file(export_adapter_state(model), weights, metadata={"format": "pt"})
-    with open(config, "w") as f:
-        json.dump({"format": ADAPTERS_FORMAT, "version": 1, "config": model.config.to_dict()}, f, indent=2)
-    return [weights, config]
 
 
 def _unet_config_arg(value: str):

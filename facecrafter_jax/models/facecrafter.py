@@ -30,13 +30,7 @@ from flax import nnx
 from .attention import AttentionProbs, BranchOutputs
 from .control import ADAPTER_VALUE_INITS, CONTROL_INPUT_DIMS, ControlTokenEncoder, add_control_adapters
 
-__all__ = ["FaceCrafterConfig", "FaceCrafter", "collect_control_maps", "adapter_key_map", "export_adapter_state",
-           "load_adapter_state", "parameter_report"]
-
-# Names of the PyTorch export written by `facecrafter-convert to-diffusers` (mirrored in torch_facecrafter.py).
-ADAPTERS_FILE = "facecrafter_adapters.safetensors"
-ADAPTERS_CONFIG_FILE = "facecrafter_adapters.json"
-ADAPTERS_FORMAT = "facecrafter-adapters"
+__all__ = ["FaceCrafterConfig", "FaceCrafter", "collect_control_maps", "parameter_report"]
 
 
 @dataclass(frozen=True)
@@ -256,47 +250,8 @@ def collect_control_maps(unet, states, *, prefix: tuple = ()) -> dict[int, dict[
 
 
 # --------------------------------------------------------------------------------------------
-# Export / import of the adapters in PyTorch layout, and the parameter report
+# Parameter report (weight I/O lives in facecrafter_jax/convert/adapters.py)
 # --------------------------------------------------------------------------------------------
-
-
-def _adapter_rename(module_path: str) -> str:
-    # unet.<...>.attn2.to_k_c.<name> -> <...>.attn2.processor.to_k_c.<name> (diffusers' processor path)
-    if module_path.startswith("unet."):
-        head, sep, tail = module_path[len("unet."):].partition(".attn2.")
-        if not sep:
-            raise ValueError(f"unexpected adapter parameter outside a cross-attention layer: {module_path}")
-        return f"{head}.attn2.processor.{tail}"
-    return module_path
-
-
-def adapter_key_map(model: FaceCrafter):
-    """One rule per :class:`~facecrafter_jax.models.control.AdapterParam`: Flax path <-> PyTorch key.
-
-    ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k_c.landmark.kernel`` <->
-    ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_c.landmark.weight``;
-    ``landmark_encoder.proj_in.kernel`` <-> ``landmark_encoder.proj_in.weight`` (norm ``scale`` -> ``weight``).
-    """
-    from ..convert.weights import build_key_map
-    from .control import AdapterParam
-
-    return build_key_map(model, variable_type=AdapterParam, rename=_adapter_rename)
-
-
-def export_adapter_state(model: FaceCrafter) -> dict:
-    """The adapters as a PyTorch-layout state dict of float32 NumPy arrays (see :func:`adapter_key_map`)."""
-    from ..convert.weights import export_torch_state
-    from .control import AdapterParam
-
-    return export_torch_state(model, adapter_key_map(model), variable_type=AdapterParam)
-
-
-def load_adapter_state(model: FaceCrafter, state: Mapping) -> None:
-    """Inverse of :func:`export_adapter_state` (strict: missing / unused / mis-shaped keys raise, naming the key)."""
-    from ..convert.weights import load_torch_state
-    from .control import AdapterParam
-
-    load_torch_state(model, state, adapter_key_map(model), variable_type=AdapterParam)
 
 
 def parameter_report(unet_config, config: FaceCrafterConfig | None = None) -> dict[str, Any]:
