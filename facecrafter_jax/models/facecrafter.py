@@ -43,13 +43,17 @@ class FaceCrafterConfig:
     ``adapter_value_init``: ``"copy"`` (IP-Adapter: ``to_v_c`` starts as a copy of ``to_v``) or ``"zeros"``
     (the branch starts as exactly nothing; :func:`~facecrafter_jax.models.control.add_control_adapters`).
     It only matters when adapters are created, not when trained ones are loaded.
+
+    The encoder hidden widths default to integer multiples of the input widths (1434 landmark values, 10
+    emotion values): diffusers' FaceID projection, the form of the IP-Adapter export, sizes its hidden layer
+    as ``mult * input`` (:mod:`facecrafter_jax.convert.ip_adapter`; other widths export zero-padded).
     """
 
     controls: tuple[str, ...] = ("landmark", "emotion")
     landmark_tokens: int = 4
     emotion_tokens: int = 4
-    landmark_hidden_dim: int = 1024
-    emotion_hidden_dim: int = 512
+    landmark_hidden_dim: int = 1434  # 1 x the 1434 inputs
+    emotion_hidden_dim: int = 510    # 51 x the 10 inputs
     cross_attention_dim: int | None = None
     adapter_value_init: str = "copy"
 
