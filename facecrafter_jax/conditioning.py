@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facecrafter_jax.face.vocabulary import EMOTION_DIM, NUM_LANDMARKS
+from facecrafter_jax.models.control import null_input
 
 __all__ = [
     "SETUPS",
@@ -241,9 +241,6 @@ def apply_conditioning(sample: ConditioningSample, id_context: jax.Array, empty_
 # --------------------------------------------------------------------------------------------
 # The condition of one model call, and its two builders
 # --------------------------------------------------------------------------------------------
-_RAW_SHAPES = {"landmark": (NUM_LANDMARKS, 3), "emotion": (EMOTION_DIM,)}
-
-
 class ModelCondition(NamedTuple):
     """The condition of one FaceCrafter call (a pytree; every leaf has the batch axis first, 1 broadcasts).
 
@@ -273,13 +270,6 @@ class Setup:
         unknown = [c for c in self.controls if c not in _KNOWN_CONTROLS]
         if unknown:
             raise ValueError(f"Setup.controls: unknown control(s) {unknown}; known: {list(_KNOWN_CONTROLS)}")
-
-
-def null_input(control: str, batch: int = 1) -> jax.Array:
-    """The null raw input of a control: zeros ``[batch, 478, 3]`` (landmark) or ``[batch, 10]`` (emotion)."""
-    if control not in _RAW_SHAPES:
-        raise ValueError(f"unknown control {control!r}; known: {list(_RAW_SHAPES)}")
-    return jnp.zeros((batch,) + _RAW_SHAPES[control], jnp.float32)
 
 
 def draw_condition(model, draw: ConditioningSample, id_context: jax.Array, empty_context: jax.Array,

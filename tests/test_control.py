@@ -218,7 +218,8 @@ def test_all_off_is_exactly_the_base_unet():
     base = np.asarray(_run_base(model.unet, x, T, ctx))
     zeros = jnp.zeros(2)
     for kw in ({"landmarks": lmk, "emotion": emo, "landmark_mask": zeros, "emotion_mask": zeros},
-               {"emotion": emo, "emotion_scale": 0.0}):
+               {"emotion": emo, "emotion_scale": 0.0, "landmark_mask": zeros},
+               {"landmark_mask": zeros, "emotion_mask": zeros}):
         np.testing.assert_array_equal(np.asarray(_run(model, x, T, ctx, kw)), base)
     # Eager too, and the plain UNet call without the keyword.
     eager = model(x, T, ctx, landmarks=lmk, emotion=emo, landmark_mask=zeros, emotion_mask=zeros)
@@ -261,14 +262,14 @@ def test_masks_remove_a_condition_per_sample():
     emo_off = {"landmarks": lmk, "emotion_mask": jnp.zeros(2), "landmark_mask": jnp.ones(2)}
     a = np.asarray(_run(model, x, T, ctx, dict(emo_off, emotion=emo)))
     b = np.asarray(_run(model, x, T, ctx, dict(emo_off, emotion=emo2)))
-    c = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk}))
+    c = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "emotion_mask": jnp.zeros(2)}))
     np.testing.assert_array_equal(a, b)  # same program: bit-identical
     assert np.abs(a - c).max() < 1e-5  # different programs (XLA may fuse differently)
     # Mixed per sample: sample 0 landmark only, sample 1 emotion only.
     mixed = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "emotion": emo, "landmark_mask": jnp.array([1.0, 0.0]),
                                                "emotion_mask": jnp.array([0.0, 1.0])}))
-    lmk_only = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk}))
-    emo_only = np.asarray(_run(model, x, T, ctx, {"emotion": emo}))
+    lmk_only = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "emotion_mask": jnp.zeros(2)}))
+    emo_only = np.asarray(_run(model, x, T, ctx, {"emotion": emo, "landmark_mask": jnp.zeros(2)}))
     assert np.abs(mixed[0] - lmk_only[0]).max() < 1e-5 and np.abs(mixed[1] - emo_only[1]).max() < 1e-5
     # A changed landmark input only moves the samples whose landmark mask is on.
     moved = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk2, "emotion": emo, "landmark_mask": jnp.array([1.0, 0.0]),
@@ -276,7 +277,7 @@ def test_masks_remove_a_condition_per_sample():
     np.testing.assert_array_equal(moved[1], mixed[1])
     assert np.abs(moved[0] - mixed[0]).max() > 1e-3
     # Scale 1 given per sample == the default scale.
-    s1 = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "landmark_scale": jnp.ones(2)}))
+    s1 = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "landmark_scale": jnp.ones(2), "emotion_mask": jnp.zeros(2)}))
     assert np.abs(s1 - lmk_only).max() < 1e-5  # a traced scale vs the constant 1.0: different programs
 
 
@@ -289,8 +290,9 @@ def test_bad_control_inputs_are_named():
         model(x, T, ctx, landmarks=lmk, landmark_mask=jnp.ones(3))
     with pytest.raises(ValueError, match="scale must be"):
         model(x, T, ctx, emotion=emo, emotion_scale=jnp.ones((2, 2)))
-    with pytest.raises(ValueError, match="mask was given without"):
-        model(x, T, ctx, landmark_mask=jnp.ones(2))
+    # an absent control runs on its null tokens: the same as passing the all-zero raw input
+    np.testing.assert_allclose(np.asarray(model(x, T, ctx, emotion=emo)),
+                               np.asarray(model(x, T, ctx, emotion=emo, landmarks=jnp.zeros_like(lmk))), atol=1e-6)
     with pytest.raises(ValueError, match=r"\(tokens"):
         model.unet(x, T, ctx, controls={"landmark": jnp.zeros((2, 3, 64))})
     plain = UNet2DConditionModel(UNet2DConditionConfig.from_diffusers_config(TINY_UNET), rngs=nnx.Rngs(0))
@@ -330,7 +332,7 @@ def test_forward_with_maps_inside_jit_with_and_without_remat():
     _, maps = model.forward_with_maps(x, T, ctx, landmarks=lmk, capture=("probs",))
     _, ref = model.unet.forward_with_attention_probs(x, T, ctx)
     np.testing.assert_array_equal(np.asarray(maps[0]["id"]["probs"]), np.asarray(ref[0]))
-    assert "out" not in maps[0]["id"] and set(maps[0]) == {"id", "landmark"}
+    assert "out" not in maps[0]["id"] and set(maps[0]) == {"id", "landmark", "emotion"}  # emotion: null tokens
     with pytest.raises(ValueError, match="capture entries"):
         model.forward_with_maps(x, T, ctx, capture=("maps",))
 
@@ -466,7 +468,7 @@ def test_setup_conditions_uniform_structure_and_semantics():
     model = _model(4)
     x, ctx, lmk, emo = _inputs(5, batch=2)
     empty = ctx[:1] * 0.5
-    setups = [Setup(identity=False, absent="null"), Setup(), Setup(controls=("landmark",))]
+    setups = [Setup(identity=False), Setup(absent="off"), Setup(controls=("landmark",))]
     conds = setup_conditions(model, setups, ctx, empty, inputs={"landmark": lmk}, weights={"landmark": 0.7})
     assert [set(c.controls) for c in conds] == [{"landmark", "emotion"}] * 3
     null_l = model.encoder("landmark")(null_input("landmark"))
@@ -477,8 +479,8 @@ def test_setup_conditions_uniform_structure_and_semantics():
     np.testing.assert_allclose(np.asarray(conds[2].controls["landmark"][1]), [0.7])
     zeros_l, zeros_e = jnp.zeros_like(lmk), jnp.zeros((2, 10))
     refs = [_run(model, x, T, jnp.broadcast_to(empty, ctx.shape), {"landmarks": zeros_l, "emotion": zeros_e}),
-            _run(model, x, T, ctx, {}),
-            _run(model, x, T, ctx, {"landmarks": lmk, "landmark_scale": 0.7})]
+            _run(model, x, T, ctx, {"landmark_mask": jnp.zeros(2), "emotion_mask": jnp.zeros(2)}),
+            _run(model, x, T, ctx, {"landmarks": lmk, "landmark_scale": 0.7})]  # emotion absent: null tokens
     for c, ref in zip(conds, refs):
         c = c._replace(context=jnp.broadcast_to(c.context, ctx.shape),
                        controls={k: (jnp.broadcast_to(tok, (2,) + tok.shape[1:]), jnp.broadcast_to(w, (2,)))

@@ -102,7 +102,7 @@ def test_files_stay_small():
 
 
 def test_face_vocabulary_defined_once():
-    pattern = re.compile(r"^(NUM_LANDMARKS|EMOTION_CLASSES|VALENCE_AROUSAL|ID_DIM|NUM_EMOTIONS|EMOTION_DIM)\s*=", re.M)
+    pattern = re.compile(r"^(NUM_LANDMARKS|EMOTION_CLASSES|VALENCE_AROUSAL|ID_DIM|NUM_EMOTIONS|EMOTION_DIM|CONTROL_INPUT_DIMS)\s*=", re.M)
     where = {}
     for path in list((REPO / "facecrafter_jax").rglob("*.py")) + list((REPO / "data_prep").rglob("*.py")):
         for m in pattern.finditer(path.read_text()):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["ID_DIM", "NUM_LANDMARKS", "LANDMARK_FEATURES", "EMOTION_CLASSES", "NUM_EMOTIONS", "EMOTION_DIM",
-           "VALENCE_AROUSAL", "emotion_table", "emotion_vector"]
+           "VALENCE_AROUSAL", "CONTROL_INPUT_DIMS", "emotion_table", "emotion_vector"]
 
 ID_DIM = 512
 NUM_LANDMARKS = 478
@@ -25,6 +25,8 @@ LANDMARK_FEATURES = NUM_LANDMARKS * 3
 EMOTION_CLASSES = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
 NUM_EMOTIONS = len(EMOTION_CLASSES)
 EMOTION_DIM = NUM_EMOTIONS + 2
+CONTROL_INPUT_DIMS = {"landmark": LANDMARK_FEATURES, "emotion": EMOTION_DIM}
+"""Flattened raw input width of each FaceCrafter control (what its token encoder / IP-Adapter projection takes)."""
 
 VALENCE_AROUSAL = np.array([
     [0.0, 0.0],     # neutral
