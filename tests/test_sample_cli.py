@@ -87,7 +87,7 @@ def test_help_documents_every_flag(capsys):
                  "--batch-size", "--steps", "--scheduler", "--scheduler-config", "--guidance-id", "--seed",
                  "--height", "--width", "--out", "--overwrite", "--dtype", "--landmarks-from", "--landmarks",
                  "--emotion", "--valence", "--arousal", "--guidance-control", "--landmark-scale", "--emotion-scale",
-                 "--null-controls"):
+                 "--absent-controls"):
         assert flag in text, flag
 
 
@@ -216,7 +216,7 @@ def test_input_errors(env, tmp_path, capsys, no_models):
         (base_args(env, out, "--landmarks-from", str(d / "astronaut.png"), "--landmarker", env["landmarker"]),
          "has no landmark module"),
         (base_args(env, out, "--guidance-control", "2"), "--guidance-control needs a control"),
-        (base_args(env, out, "--null-controls", "tokens"), "--null-controls tokens: checkpoint"),
+        (base_args(env, out, "--absent-controls", "tokens"), "--absent-controls: invalid choice"),
         (fc_args(env, out, "--landmark-scale", "0.5", "--emotion", "sad"), "--landmark-scale needs --landmarks"),
         (fc_args(env, out, "--emotion-scale", "0.5", "--landmarks", str(d / "lm.npy")), "--emotion-scale needs --emotion"),
         (fc_args(env, out, "--emotion", "sad", "--emotion-scale", "nan"), "--emotion-scale nan: must be a finite"),
@@ -292,7 +292,7 @@ def test_controls_end_to_end(env, run3):
     assert (e["valence"], e["arousal"]) == (float(vec[8]), float(vec[9]))
     assert c["scales"] == {"landmark": 0.8, "emotion": 1.0}
     s = meta["settings"]
-    assert (s["guidance_id"], s["guidance_control"], s["guidance_control_used"], s["null_controls"]) == (3.0, 2.0, 2.0, "auto")
+    assert (s["guidance_id"], s["guidance_control"], s["guidance_control_used"], s["absent_controls"]) == (3.0, 2.0, 2.0, "null")
     assert s["null_branch"].startswith("empty prompt + control branches on their null tokens")
 
     # evaluate.py reads these targets (landmarks from the file written next to the images)
@@ -345,7 +345,7 @@ def test_per_image_landmarks_and_landmarks_from_photo(env):
     out2 = d / "out_fc_photo"
     assert sample.main(fc_args(env, out2, "--landmarks-from", str(d / "astronaut.png"), "--landmarker",
                                env["landmarker"], "--valence", "-0.65", "--arousal", "0.75", "--num-images", "1",
-                               "--guidance-control", "0", "--null-controls", "off")) == 0
+                               "--guidance-control", "0", "--absent-controls", "off")) == 0
     meta = json.loads((out2 / "samples.json").read_text())
     lm = meta["controls"]["landmarks"]
     assert lm["source"] == "image" and lm["path"] == str(d / "astronaut.png") and lm["file"] == "landmarks.npy"
@@ -354,7 +354,7 @@ def test_per_image_landmarks_and_landmarks_from_photo(env):
     np.testing.assert_array_equal(np.load(out2 / "landmarks.npy"), want)
     e = meta["controls"]["emotion"]
     assert e["class_from"] == "nearest valence/arousal" and (e["valence"], e["arousal"]) == (-0.65, 0.75)
-    # g_ctl = 0 with the null branch off is the ID-only (Arc2Face) image: image 0 of the plain run (seed 0)
+    # g_ctl = 0 with absent controls off is the ID-only (Arc2Face) image: image 0 of the plain run (seed 0)
     assert meta["settings"]["null_branch"] == "empty prompt, control branches off"
     plain = d / "out_plain1"
     assert sample.main(base_args(env, plain, "--num-images", "1")) == 0

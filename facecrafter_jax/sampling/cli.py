@@ -497,7 +497,8 @@ def generate(v: dict, args) -> dict:
             if ctl else None,
             "guidance": "eps = e(null) + g_id (e(id) - e(null)) + g_ctl (e(id+controls) - e(id))",
             "absent_controls": args.absent_controls,
-            "null_branch": pipe.null_branch(bool(ctl), args.absent_controls),
+            "null_branch": pipe.null_branch(bool(ctl) and (args.guidance_id if args.guidance_control is None
+                                                            else args.guidance_control) != 0.0, args.absent_controls),
             "seed": args.seed,
             "height": v["height"], "width": v["width"], "dtype": args.dtype,
             "noise": "image i: jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), [h, w, 4], float32)",
