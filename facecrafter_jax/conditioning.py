@@ -10,8 +10,8 @@ setups are every combination of identity {kept, dropped to the empty prompt} x l
     id_only               ID                      all_null           (empty prompt), every control null
 
 An absent control is its **null tokens** (the all-zero raw input through its encoder) with the branch on
-(``absent="null"``, the default; IP-Adapter's and Arc2Face's expression adapter's convention), so ID-only draws
-train the null path and a FaceCrafter model conditioned on identity alone differs from its base. ``absent="off"``
+(``absent="null_tokens"``, the default; IP-Adapter's and Arc2Face's expression adapter's convention), so ID-only draws
+train the null path and a FaceCrafter model conditioned on identity alone differs from its base. ``absent="switched_off"``
 switches absent branches off instead (weight 0; only the all-null setup runs them on their null tokens): the
 ablation that makes ID-only sampling Arc2Face exactly. A control that is not in ``controls`` (single-module
 stages a / b) must have probability 0 in every setup where it is real.
@@ -66,9 +66,10 @@ __all__ = [
     "controls_run",
 ]
 
-ABSENT_CONTROLS = ("null", "off")
-"""What a control that a setup does not give does: ``"null"`` runs its branch on the null tokens (the
-all-zero raw input through its encoder), ``"off"`` switches the branch off (weight 0)."""
+ABSENT_CONTROLS = ("null_tokens", "switched_off")
+"""What a control that a setup does not give does: ``"null_tokens"`` runs its branch on the null tokens (the
+all-zero raw input through its encoder), ``"switched_off"`` switches the branch off (weight 0). (Not "null" / "off":
+YAML reads those words as None / False in configs and overrides.)"""
 
 # name -> (identity kept, the controls that are real); controls are always ("landmark", "emotion") in this order.
 SETUPS: dict[str, tuple[bool, frozenset]] = {
@@ -101,7 +102,7 @@ class MixedConditioningConfig:
     landmark_only: float = 0.025
     emotion_only: float = 0.025
     all_null: float = 0.05
-    absent: str = "null"
+    absent: str = "null_tokens"
     controls: tuple[str, ...] = ("landmark", "emotion")
 
     def __post_init__(self):
@@ -130,7 +131,7 @@ class MixedConditioningConfig:
         return tuple(float(getattr(self, n)) for n in _SETUP_NAMES)
 
     @classmethod
-    def single(cls, control: str, *, all_null: float = 0.05, absent: str = "null") -> "MixedConditioningConfig":
+    def single(cls, control: str, *, all_null: float = 0.05, absent: str = "null_tokens") -> "MixedConditioningConfig":
         """Stage a / b: one control. ID + control 45%, ID-only 40% (trains the null tokens), control without
         identity 10%, all-null 5%; with another ``all_null`` the other three keep their proportions."""
         if control not in _KNOWN_CONTROLS:
@@ -178,20 +179,20 @@ def sample_conditioning(key: jax.Array, batch_size: int, config: MixedConditioni
     for c in config.controls:
         real = jnp.asarray([c in SETUPS[n][1] for n in _SETUP_NAMES], jnp.float32)[setup]
         nulls[c] = 1.0 - real
-        # absent "null": every branch runs (null tokens where not real); "off": only real ones and the all-null
+        # null_tokens: every branch runs (null tokens where not real); switched_off: only real ones and the all-null
         # setup's (so the null tokens the unconditional branch uses are still learned)
-        masks[c] = jnp.ones_like(real) if config.absent == "null" else jnp.maximum(real, is_null)
+        masks[c] = jnp.ones_like(real) if config.absent == "null_tokens" else jnp.maximum(real, is_null)
     return ConditioningSample(setup=setup, id_null=1.0 - id_on[setup], masks=masks, nulls=nulls)
 
 
-def without_controls(sample: ConditioningSample, absent: str = "null") -> ConditioningSample:
+def without_controls(sample: ConditioningSample, absent: str = "null_tokens") -> ConditioningSample:
     """Each sample's setup with every control made absent, the identity as it was: ID-only (or all-null where the
     identity is dropped). The pairs of the AD loss's ``across_setups`` reading. ``absent`` as the draw's config."""
     if absent not in ABSENT_CONTROLS:
         raise ValueError(f"absent must be one of {ABSENT_CONTROLS}, got {absent!r}")
     setup = jnp.where(sample.id_null > 0, _SETUP_NAMES.index("all_null"), _SETUP_NAMES.index("id_only"))
     ones = jnp.ones_like(sample.id_null)
-    masks = {c: ones if absent == "null" else sample.id_null for c in sample.masks}
+    masks = {c: ones if absent == "null_tokens" else sample.id_null for c in sample.masks}
     return ConditioningSample(setup=setup.astype(jnp.int32), id_null=sample.id_null, masks=masks,
                               nulls={c: ones for c in sample.masks})
 
@@ -261,7 +262,7 @@ class Setup:
 
     identity: bool = True
     controls: tuple[str, ...] = ()
-    absent: str = "null"
+    absent: str = "null_tokens"
 
     def __post_init__(self):
         object.__setattr__(self, "controls", tuple(self.controls))
@@ -288,7 +289,7 @@ def draw_condition(model, draw: ConditioningSample, id_context: jax.Array, empty
 def controls_run(controls, setups) -> tuple[str, ...]:
     """The controls (of ``controls``, in that order) whose branch a batched call of ``setups`` must run: those that
     some setup gives or feeds its null tokens."""
-    return tuple(c for c in controls if any(c in s.controls or s.absent == "null" for s in setups))
+    return tuple(c for c in controls if any(c in s.controls or s.absent == "null_tokens" for s in setups))
 
 
 def setup_conditions(model, setups, id_context: jax.Array, empty_context: jax.Array, *,
@@ -331,6 +332,6 @@ def setup_conditions(model, setups, id_context: jax.Array, empty_context: jax.Ar
                 w = jnp.asarray(weights.get(c, 1.0), jnp.float32)
                 controls[c] = (given[c], w.reshape(-1) if w.ndim else jnp.full((1,), w))
             else:
-                controls[c] = (null[c], jnp.full((1,), 1.0 if s.absent == "null" else 0.0, jnp.float32))
+                controls[c] = (null[c], jnp.full((1,), 1.0 if s.absent == "null_tokens" else 0.0, jnp.float32))
         out.append(ModelCondition(context=id_context if s.identity else empty_context, controls=controls))
     return out

@@ -385,7 +385,7 @@ PROBS = dict(id_landmark_emotion=0.3, id_landmark=0.15, id_emotion=0.2, id_only=
              landmark_only=0.07, emotion_only=0.05, all_null=0.08)
 
 
-@pytest.mark.parametrize("absent", ["null", "off"])
+@pytest.mark.parametrize("absent", ["null_tokens", "switched_off"])
 def test_mixed_conditioning_frequencies_match_config(absent):
     """Every combination's frequency within 5 sigma; masks / nulls / id_null follow the setup in closed form."""
     cfg = MixedConditioningConfig(absent=absent, **PROBS)
@@ -401,13 +401,13 @@ def test_mixed_conditioning_frequencies_match_config(absent):
     np.testing.assert_array_equal(np.asarray(s.id_null), [0.0 if SETUPS[nm][0] else 1.0 for nm in names])
     for c in ("landmark", "emotion"):
         np.testing.assert_array_equal(np.asarray(s.nulls[c]), (~real[c]).astype(np.float32))
-        want_mask = np.ones(n) if absent == "null" else (real[c] | (names == "all_null"))
+        want_mask = np.ones(n) if absent == "null_tokens" else (real[c] | (names == "all_null"))
         np.testing.assert_array_equal(np.asarray(s.masks[c]), want_mask.astype(np.float32))
         np.testing.assert_array_equal(np.asarray(active_controls(s)[c]), real[c].astype(np.float32))
-    # an ID-only sample: identity kept, every control branch on its null tokens (absent "null")
+    # an ID-only sample: identity kept, every control branch on its null tokens (absent "null_tokens")
     i = int(np.flatnonzero(names == "id_only")[0])
     assert float(s.id_null[i]) == 0.0 and all(float(s.nulls[c][i]) == 1.0 for c in ("landmark", "emotion"))
-    assert all(float(s.masks[c][i]) == (1.0 if absent == "null" else 0.0) for c in ("landmark", "emotion"))
+    assert all(float(s.masks[c][i]) == (1.0 if absent == "null_tokens" else 0.0) for c in ("landmark", "emotion"))
     # closed-form marginal: P(landmark real) = sum of the setups where it is real
     p_l = PROBS["id_landmark_emotion"] + PROBS["id_landmark"] + PROBS["landmark_emotion"] + PROBS["landmark_only"]
     assert abs(real["landmark"].mean() - p_l) < 5 * math.sqrt(p_l * (1 - p_l) / n)
@@ -468,7 +468,7 @@ def test_setup_conditions_uniform_structure_and_semantics():
     model = _model(4)
     x, ctx, lmk, emo = _inputs(5, batch=2)
     empty = ctx[:1] * 0.5
-    setups = [Setup(identity=False), Setup(absent="off"), Setup(controls=("landmark",))]
+    setups = [Setup(identity=False), Setup(absent="switched_off"), Setup(controls=("landmark",))]
     conds = setup_conditions(model, setups, ctx, empty, inputs={"landmark": lmk}, weights={"landmark": 0.7})
     assert [set(c.controls) for c in conds] == [{"landmark", "emotion"}] * 3
     null_l = model.encoder("landmark")(null_input("landmark"))

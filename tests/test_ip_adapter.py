@@ -11,7 +11,7 @@ by an unmodified diffusers `StableDiffusionPipeline.load_ip_adapter(..., image_e
   within 1e-5 relative to max |output|.
 * A 4-step DDIM StableDiffusionPipeline run (Arc2Face identity context as ``prompt_embeds``, the empty prompt
   as ``negative_prompt_embeds``, ``ip_adapter_image_embeds`` with the null input as the negative) equals our
-  FaceCrafterPipeline at ``guidance_id == guidance_control`` with ``absent_controls="null"`` (the default) within 1e-5.
+  FaceCrafterPipeline at ``guidance_id == guidance_control`` with ``absent_controls="null_tokens"`` (the default) within 1e-5.
 """
 
 import json
@@ -227,7 +227,7 @@ def test_pipeline_matches_stable_diffusion_pipeline(env):
     arc = (2.0 * rng.standard_normal((2, ID_DIM))).astype(np.float32)
     noise = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
     lmk, emo = env["lmk"][0], env["emo"][1]  # one control set for the batch (diffusers repeats the embeds)
-    got = pipe(arc, landmarks=lmk, emotion=emo, guidance_id=3.0, guidance_control=3.0, absent_controls="null",
+    got = pipe(arc, landmarks=lmk, emotion=emo, guidance_id=3.0, guidance_control=3.0, absent_controls="null_tokens",
                num_steps=4, latents=noise, output_type="latent").latents
 
     sd = diffusers_pipe(root)
@@ -247,7 +247,7 @@ def test_pipeline_matches_stable_diffusion_pipeline(env):
     print(f"FaceCrafterPipeline vs StableDiffusionPipeline + load_ip_adapter: rel err {err:.2e} "
           f"(max |latent| {np.abs(ref).max():.1f})")
     assert err <= REL_TOL
-    no_ctl = pipe(arc, guidance_id=3.0, absent_controls="null", num_steps=4, latents=noise, output_type="latent").latents
+    no_ctl = pipe(arc, guidance_id=3.0, absent_controls="null_tokens", num_steps=4, latents=noise, output_type="latent").latents
     assert np.abs(no_ctl - ref).max() > 1e-2  # the controls matter
 
 

@@ -292,7 +292,7 @@ def test_controls_end_to_end(env, run3):
     assert (e["valence"], e["arousal"]) == (float(vec[8]), float(vec[9]))
     assert c["scales"] == {"landmark": 0.8, "emotion": 1.0}
     s = meta["settings"]
-    assert (s["guidance_id"], s["guidance_control"], s["guidance_control_used"], s["absent_controls"]) == (3.0, 2.0, 2.0, "null")
+    assert (s["guidance_id"], s["guidance_control"], s["guidance_control_used"], s["absent_controls"]) == (3.0, 2.0, 2.0, "null_tokens")
     assert s["null_branch"].startswith("empty prompt + control branches on their null tokens")
 
     # evaluate.py reads these targets (landmarks from the file written next to the images)
@@ -345,7 +345,7 @@ def test_per_image_landmarks_and_landmarks_from_photo(env):
     out2 = d / "out_fc_photo"
     assert sample.main(fc_args(env, out2, "--landmarks-from", str(d / "astronaut.png"), "--landmarker",
                                env["landmarker"], "--valence", "-0.65", "--arousal", "0.75", "--num-images", "1",
-                               "--guidance-control", "0", "--absent-controls", "off")) == 0
+                               "--guidance-control", "0", "--absent-controls", "switched_off")) == 0
     meta = json.loads((out2 / "samples.json").read_text())
     lm = meta["controls"]["landmarks"]
     assert lm["source"] == "image" and lm["path"] == str(d / "astronaut.png") and lm["file"] == "landmarks.npy"

@@ -44,7 +44,7 @@ Controls (--landmarks / --landmarks-from, --emotion, --valence / --arousal) need
 FaceCrafter `adapters` component. Guidance: eps = e(null) + g_id (e(id) - e(null)) + g_ctl (e(id+controls)
 - e(id)), one model call per step. A control that is not given runs on its learned null tokens (as in
 training), so a FaceCrafter checkpoint sampled with identity only still uses its control modules; with
---absent-controls off, or a checkpoint without adapters, ID-only sampling is exactly Arc2Face.
+--absent-controls switched_off, or a checkpoint without adapters, ID-only sampling is exactly Arc2Face.
 
 Every bad input (missing checkpoint or file, unreadable or face-less --id-image, wrong embedding shape,
 unknown emotion, valence / arousal outside [-1, 1], ...) is reported as one line `error: ...` on stderr
@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 1.0)")
     c.add_argument("--emotion-scale", type=float, metavar="L", help="lambda of the emotion attention branch "
                    "(default 1.0)")
-    c.add_argument("--absent-controls", choices=ABSENT_CONTROLS, default="null",
-                   help="what the checkpoint's controls that are not given do: 'null' (default) = their learned null "
+    c.add_argument("--absent-controls", choices=ABSENT_CONTROLS, default="null_tokens",
+                   help="what the checkpoint's controls that are not given do: 'null_tokens' (default) = their learned null "
                         "tokens, as in training (so ID-only sampling uses the control modules too); 'off' = switched "
                         "off (an ablation: ID-only sampling is then the Arc2Face base exactly)")
     return p
@@ -410,9 +410,9 @@ def generate(v: dict, args) -> dict:
     from facecrafter_jax.sample_set import write_samples_json
 
     ctl = v["controls"]
-    # the adapters are used whenever the checkpoint has them, except for ID-only sampling with --absent-controls off
+    # the adapters are used whenever the checkpoint has them, except for ID-only sampling with --absent-controls switched_off
     # (plain Arc2Face); a checkpoint without adapters is Arc2Face
-    use_adapters = bool(v["available_controls"]) and (bool(ctl) or args.absent_controls == "null")
+    use_adapters = bool(v["available_controls"]) and (bool(ctl) or args.absent_controls == "null_tokens")
     components = ("unet", "text_encoder", "vae") + (("adapters",) if use_adapters else ())
     t0 = time.perf_counter()
     models = load_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,

@@ -28,14 +28,14 @@ __all__ = ["FaceCrafterPipeline", "branch_setups"]
 def branch_setups(branches: tuple[int, ...], given: Sequence[str], absent: str) -> tuple[Setup, ...]:
     """The :class:`~facecrafter_jax.conditioning.Setup` of each guidance branch (0 = null, 1 = id, 2 = id + controls).
 
-    ``absent="null"``: every control that a branch does not give runs on its null tokens (training's semantics;
-    the null branch is the all-null setup, the id branch ID-only with null tokens). ``absent="off"``: absent
+    ``absent="null_tokens"``: every control that a branch does not give runs on its null tokens (training's semantics;
+    the null branch is the all-null setup, the id branch ID-only with null tokens). ``absent="switched_off"``: absent
     controls are switched off, except that the null branch uses the null tokens when some control is given
     (then a call without controls is Arc2Face's exactly).
     """
     if absent not in ABSENT_CONTROLS:
         raise ValueError(f"absent_controls must be one of {ABSENT_CONTROLS}, got {absent!r}")
-    null_branch = "null" if absent == "null" or given else "off"
+    null_branch = "null_tokens" if absent == "null_tokens" or given else "switched_off"
     table = {0: Setup(identity=False, absent=null_branch),
              1: Setup(identity=True, absent=absent),
              2: Setup(identity=True, controls=tuple(given), absent=absent)}
@@ -80,7 +80,7 @@ class FaceCrafterPipeline(Arc2FacePipeline):
       (``landmark_scale`` / ``emotion_scale``); a control not given stays on its null tokens.
     * ``null``: the empty-prompt context, every control on its null tokens (the all-null setup).
 
-    ``absent_controls="off"`` (an ablation, not the default) switches the controls a branch does not give off
+    ``absent_controls="switched_off"`` (an ablation, not the default) switches the controls a branch does not give off
     instead: then the ``id`` branch is exactly the base Arc2Face prediction, the ``null`` branch uses the null
     tokens only when some control is given, and a call without controls is exactly :class:`Arc2FacePipeline`.
     A model without control modules always samples as :class:`Arc2FacePipeline`.
@@ -99,11 +99,11 @@ class FaceCrafterPipeline(Arc2FacePipeline):
         self.controls: tuple[str, ...] = tuple(getattr(model, "controls", ()) or ())
         self._defs["model"], self._states["model"] = nnx.split(model)
 
-    def null_branch(self, has_controls: bool, absent_controls: str = "null") -> str:
+    def null_branch(self, has_controls: bool, absent_controls: str = "null_tokens") -> str:
         """What the unconditional branch is for these settings (recorded by sample.py in samples.json)."""
         if not self.controls:
             return "empty prompt (no control modules)"
-        tokens = absent_controls == "null" or has_controls
+        tokens = absent_controls == "null_tokens" or has_controls
         return "empty prompt + control branches on their null tokens" if tokens else "empty prompt, control branches off"
 
     # -- inputs -----------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class FaceCrafterPipeline(Arc2FacePipeline):
         return arcface, inputs, weights, jnp.asarray(chain, jnp.float32), setups, run, g1
 
     def compile(self, batch: int, *, num_steps: int = 25, scheduler: str | None = None, guidance_id: float = 3.0,
-                guidance_control: float | None = None, controls: Sequence[str] = (), absent_controls: str = "null",
+                guidance_control: float | None = None, controls: Sequence[str] = (), absent_controls: str = "null_tokens",
                 height: int | None = None, width: int | None = None, output_type: str = "uint8",
                 id_dim: int = 512, guidance_scale: float | None = None) -> float:
         """Compile ahead of time for these settings (``controls``: the names that will be given, e.g.
@@ -205,7 +205,7 @@ class FaceCrafterPipeline(Arc2FacePipeline):
     # -- sampling ---------------------------------------------------------------------------------------
     def __call__(self, arcface_embeddings, *, landmarks=None, emotion=None, guidance_id: float = 3.0,
                  guidance_control: float | None = None, landmark_scale=1.0, emotion_scale=1.0,
-                 absent_controls: str = "null", num_steps: int = 25, scheduler: str | None = None, seed: int = 0,
+                 absent_controls: str = "null_tokens", num_steps: int = 25, scheduler: str | None = None, seed: int = 0,
                  first_index: int = 0, latents=None, height: int | None = None, width: int | None = None,
                  output_type: str = "uint8", guidance_scale: float | None = None) -> SampleOutput:
         """Sample one image per identity embedding, with optional landmark / emotion targets.
@@ -219,7 +219,8 @@ class FaceCrafterPipeline(Arc2FacePipeline):
             guidance_id: ``g_id``, identity against the null branch (Arc2Face: 3.0).
             guidance_control: ``g_ctl``, controls on top of the identity (default: ``guidance_id``).
             landmark_scale, emotion_scale: ``lambda_c`` of the decoupled attention, a number or ``[B]``.
-            absent_controls: ``"null"`` (default: controls not given run on their null tokens) or ``"off"``
+            absent_controls: ``"null_tokens"`` (default: controls not given run on their null tokens) or
+                ``"switched_off"``
                 (switched off; see the class docstring).
             guidance_scale: alias of ``guidance_id`` (the :class:`Arc2FacePipeline` name).
             The others: as :meth:`Arc2FacePipeline.__call__`.
@@ -233,7 +234,7 @@ class FaceCrafterPipeline(Arc2FacePipeline):
             arcface_embeddings, landmarks, emotion, guidance_id, guidance_control, landmark_scale, emotion_scale,
             absent_controls)
         if not run:
-            # no control branch runs (no control modules, or absent_controls="off" without controls): Arc2Face,
+            # no control branch runs (no control modules, or absent_controls="switched_off" without controls): Arc2Face,
             # e0 + g_id (e1 - e0), with its compiled program
             return super().__call__(arcface, num_steps=num_steps, guidance_scale=g1, scheduler=scheduler, seed=seed,
                                     first_index=first_index, latents=latents, height=height, width=width,
