@@ -25,7 +25,6 @@ Usage inside a jitted train step::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
@@ -100,11 +99,9 @@ class MixedConditioningConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MixedConditioningConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown mixed-conditioning config key(s) {unknown}; expected a subset of {sorted(fields)}")
-        return cls(**d)
+        from facecrafter_jax.config import from_dict  # the one config engine: typed values, unknown keys named
+
+        return from_dict(cls, d, what="mixed-conditioning")
 
 
 class ConditioningSample(NamedTuple):
