@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from facecrafter_jax.data import records as R
+from facecrafter_jax.errors import DataError
 
 STATE_VERSION = 1
 
@@ -46,30 +47,90 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+class IteratorStateMismatch(ValueError):
+    """An iterator state saved by a pipeline with other settings (the message names them)."""
+
+
+class ShardLocator:
+    """Global record index -> ``record k of <dir>/<shard>`` (for messages); picklable."""
+
+    def __init__(self, data_dir: str | os.PathLike, shards: Sequence[tuple[str, int]]):
+        self.data_dir = str(data_dir)
+        self.shards = tuple((str(n), int(c)) for n, c in shards)
+        self._starts = np.cumsum([0] + [c for _, c in self.shards])
+
+    def __call__(self, index: int) -> str:
+        i = int(np.searchsorted(self._starts, index, side="right")) - 1
+        if not 0 <= i < len(self.shards):
+            return f"record {index} of {self.data_dir}"
+        return f"record {index - int(self._starts[i])} of {os.path.join(self.data_dir, self.shards[i][0])}"
+
+
+class ShardSource:
+    """grain random-access source over record shards that yields ``(global index, bytes)``.
+
+    A record that cannot be read (a damaged ArrayRecord chunk: riegeli checks its hashes) is a
+    :class:`~facecrafter_jax.errors.DataError` naming the shard and the record's index in it.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, shards: Sequence[tuple[str, int]]):
+        self.locate = ShardLocator(data_dir, shards)
+        self._source = grain.sources.ArrayRecordDataSource(
+            [f"{os.path.join(self.locate.data_dir, n)}[0:{c}]" for n, c in self.locate.shards])  # counts: no reopen
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> tuple[int, bytes]:
+        try:
+            return int(index), self._source[index]
+        except Exception as e:  # noqa: BLE001 - the reader raises RuntimeError / OSError for damaged files
+            raise DataError(f"{self.locate(int(index))} cannot be read ({type(e).__name__}: {e}); the shard is "
+                            "damaged: check the folder with python -m data_prep verify DIR --hashes") from None
+
+    @property
+    def paths(self):
+        return self._source.paths
+
+    def __getstate__(self):
+        return {"data_dir": self.locate.data_dir, "shards": self.locate.shards}
+
+    def __setstate__(self, state):
+        self.__init__(state["data_dir"], state["shards"])
+
+
 class DecodeRecord:
-    """Picklable grain map: record bytes -> dict of the selected fields (numpy arrays; image_id a str)."""
+    """Picklable grain map: record bytes (or ``(index, bytes)`` from :class:`ShardSource`) -> dict of the selected
+    fields (numpy arrays; image_id a str). A record that does not decode is a DataError naming shard and index."""
 
     def __init__(self, resolution: int, latent_dtype: str, fields: Sequence[str] | None = None,
-                 latent_side: int | None = None):
+                 latent_side: int | None = None, locate: ShardLocator | None = None):
         self.resolution = resolution
         self.latent_dtype = latent_dtype
         self.latent_side = latent_side
+        self.locate = locate
         self.fields = tuple(R.FIELDS if fields is None else fields)
         unknown = sorted(set(self.fields) - set(R.FIELDS))
         if unknown:
             raise R.RecordError(f"unknown field(s) {unknown} requested; record fields are {list(R.FIELDS)}")
         self._codec = R.RecordCodec(resolution, latent_dtype, latent_side)
 
-    def __call__(self, data: bytes) -> dict[str, Any]:
-        rec = self._codec.decode(data)
+    def __call__(self, item) -> dict[str, Any]:
+        index, data = item if isinstance(item, tuple) else (None, item)
+        try:
+            rec = self._codec.decode(data)
+        except R.RecordError as e:
+            where = self.locate(index) if (self.locate is not None and index is not None) else "a record"
+            raise DataError(f"{where} does not decode: {e}") from None
         return {k: rec[k] for k in self.fields}
 
     def __getstate__(self):
         return {"resolution": self.resolution, "latent_dtype": self.latent_dtype, "fields": self.fields,
-                "latent_side": self.latent_side}
+                "latent_side": self.latent_side, "locate": self.locate}
 
     def __setstate__(self, state):
-        self.__init__(state["resolution"], state["latent_dtype"], state["fields"], state.get("latent_side"))
+        self.__init__(state["resolution"], state["latent_dtype"], state["fields"], state.get("latent_side"),
+                      state.get("locate"))
 
 
 def data_sharding(mesh: jax.sharding.Mesh | None = None, axis: str | tuple[str, ...] = "data"):
@@ -188,7 +249,7 @@ class InputPipeline:
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
-            raise ValueError(f"iterator state was saved by a different pipeline ({detail})")
+            raise IteratorStateMismatch(f"iterator state was saved by a different pipeline ({detail})")
         self._buffer.clear()
         self.iterator.set_state(copy.deepcopy(state["grain"]))
         self._state = copy.deepcopy(state["grain"])
@@ -223,6 +284,7 @@ def make_pipeline(
     read_buffer_size: int = 4,
     sharding: Any = "default",
     device_prefetch: int = 2,
+    shards: Mapping[str, int] | None = None,
 ) -> InputPipeline:
     """Builds the training input pipeline over the complete shards of ``data_dir``.
 
@@ -243,12 +305,14 @@ def make_pipeline(
         sharding: ``jax.sharding.Sharding`` for the numeric fields of each global batch; ``"default"`` is
             :func:`data_sharding` over all devices; ``None`` yields host numpy batches.
         device_prefetch: batches placed on device ahead of the consumer.
+        shards: ``{shard name: records}`` to read (e.g. the shards that passed
+            :func:`~facecrafter_jax.data.integrity.verify_dataset`); default: every complete shard.
     """
     data_dir = Path(data_dir)
     info = R.read_dataset_info(data_dir)
-    counts = R.shard_record_counts(data_dir)
+    counts = dict(shards) if shards is not None else R.shard_record_counts(data_dir)
     if not counts:
-        raise ValueError(f"{data_dir} has no complete shards")
+        raise DataError(f"{data_dir} has no complete shards")
     if process_index is None:
         process_index = jax.process_index()
     if process_count is None:
@@ -264,16 +328,15 @@ def make_pipeline(
         raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
-    decode = DecodeRecord(info["resolution"], info["latent_dtype"], fields, info.get("latent_side"))
     spec = PipelineSpec(
         shards=tuple(sorted(counts.items())), resolution=info["resolution"], latent_dtype=info["latent_dtype"],
-        fields=decode.fields, seed=int(seed), shuffle=bool(shuffle), num_epochs=num_epochs,
+        fields=tuple(R.FIELDS if fields is None else fields), seed=int(seed), shuffle=bool(shuffle), num_epochs=num_epochs,
         global_batch_size=int(global_batch_size), process_index=int(process_index),
         process_count=int(process_count), worker_count=int(worker_count))
     local_batch = global_batch_size // process_count
 
-    # Shard files named with their record counts ("path[0:n]") so grain does not reopen each one to count.
-    source = grain.sources.ArrayRecordDataSource([f"{data_dir / name}[0:{n}]" for name, n in spec.shards])
+    source = ShardSource(data_dir, spec.shards)
+    decode = DecodeRecord(info["resolution"], info["latent_dtype"], fields, info.get("latent_side"), source.locate)
     ds = grain.MapDataset.source(source).seed(seed)
     if shuffle:
         ds = ds.shuffle()
