@@ -19,13 +19,12 @@ STEPS = 3
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     cache = root / "jax_cache"
-    data = root / "data"
     done = {}
 
     def get(name, devices, data_axis, fsdp_axis, processes=1):
         if name not in done:
             run_dir = root / name
-            common = [f"run_dir={run_dir}", f"data.dir={data}", f"steps={STEPS}", f"mesh.data={data_axis}",
+            common = [f"run_dir={run_dir}", f"steps={STEPS}", f"mesh.data={data_axis}",
                       f"mesh.fsdp={fsdp_axis}", "checkpoint.every=0", "data.synthetic.num_records=32"]
             if processes == 1:
                 run_train(CONFIG, common, devices=devices, cache_dir=cache)

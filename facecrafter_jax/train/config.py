@@ -99,7 +99,14 @@ class SyntheticDataConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Record shards and the input pipeline (see docs/data.md)."""
+    """Record shards and the input pipeline (see docs/data.md).
+
+    ``verify``: what is checked against ``dataset.json`` before training: ``sizes`` (every shard present, of the
+    stored size and record count: milliseconds) or ``hashes`` (also the SHA-256 of every byte: ~6 s per 5 GB per
+    process here, docs/reliability.md). ``on_change``: ``error`` (default) stops when shards are damaged or
+    differ from the resumed checkpoint's; ``restart`` trains on the shards that verify and, on resume, restarts
+    the data iterator on them.
+    """
 
     dir: str = "data/ffhq512"
     synthetic: SyntheticDataConfig | None = None
@@ -109,8 +116,12 @@ class DataConfig:
     read_threads: int = 4
     read_buffer_size: int = 4
     device_prefetch: int = 2
+    verify: str = "sizes"
+    on_change: str = "error"
 
     def __post_init__(self):
+        _choice("data.verify", self.verify, ("sizes", "hashes"))
+        _choice("data.on_change", self.on_change, ("error", "restart"))
         _positive("data.global_batch_size", self.global_batch_size)
         _positive("data.device_prefetch", self.device_prefetch)
         if self.worker_count < 0:
@@ -151,7 +162,11 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay (to ``lr * end_lr_ratio``) or constant; global-norm clipping."""
+    """AdamW with linear warm-up then cosine decay (to ``lr * end_lr_ratio``) or constant; global-norm clipping.
+
+    A step whose loss or gradient norm is not finite changes no parameter (it is counted and logged); more
+    than ``max_nonfinite_steps`` such steps in a row stop the run with an error (0: the first one stops it).
+    """
 
     lr: float = 1e-4
     schedule: str = "cosine"
@@ -164,6 +179,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip_norm: float | None = 1.0
     ema_decay: float | None = None
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self):
         _choice("optim.schedule", self.schedule, ("cosine", "constant"))
@@ -175,6 +191,8 @@ class OptimConfig:
             raise ConfigError(f"config key 'optim.ema_decay' must be in (0, 1) or null, got {self.ema_decay}")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ConfigError(f"config key 'optim.grad_clip_norm' must be positive or null, got {self.grad_clip_norm}")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"config key 'optim.max_nonfinite_steps' must be >= 0, got {self.max_nonfinite_steps}")
 
 
 @dataclass(frozen=True)
@@ -244,12 +262,23 @@ class SampleConfig:
 class DistributedConfig:
     """``jax.distributed.initialize`` arguments; unset fields fall back to the environment
     (``FACECRAFTER_COORDINATOR``, ``FACECRAFTER_NUM_PROCESSES``, ``FACECRAFTER_PROCESS_ID``), then to a
-    single process (or to JAX's own cluster auto-detection with ``auto: true``)."""
+    single process (or to JAX's own cluster auto-detection with ``auto: true``).
+
+    ``heartbeat_timeout_s``: a process that sends no heartbeat for this long is declared dead and every other
+    process stops (a peer whose sockets close is noticed at the next collective, at once).
+    ``init_timeout_s``: how long a process waits for all the others to join at start.
+    """
 
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
     auto: bool = False
+    heartbeat_timeout_s: int = 60
+    init_timeout_s: int = 300
+
+    def __post_init__(self):
+        _positive("distributed.heartbeat_timeout_s", self.heartbeat_timeout_s)
+        _positive("distributed.init_timeout_s", self.init_timeout_s)
 
 
 @dataclass(frozen=True)
