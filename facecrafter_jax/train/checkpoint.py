@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -97,6 +98,31 @@ class _QuietOrbaxThreads(logging.Filter):
 
 
 _QUIET = _QuietOrbaxThreads()
+
+
+def _is_closed_loop_noise(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _install_closed_loop_filter() -> None:
+    """After a failed asynchronous save, tensorstore's write callbacks still try to reach orbax's (closed)
+    asyncio loop from C++ threads, and each prints ``RuntimeError: Event loop is closed`` with a traceback.
+    The failure itself is reported as a :class:`CheckpointSaveError`; drop exactly this echo (any other
+    exception still reaches the previous hooks)."""
+    if getattr(sys.excepthook, "_facecrafter", False):
+        return
+    prev_except, prev_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(tp, value, tb):
+        if not _is_closed_loop_noise(value):
+            prev_except(tp, value, tb)
+
+    def unraisablehook(unraisable):
+        if not _is_closed_loop_noise(unraisable.exc_value):
+            prev_unraisable(unraisable)
+
+    excepthook._facecrafter = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, Mapping):
@@ -171,6 +197,7 @@ class Checkpointer:
         absl_logger = logging.getLogger("absl")
         if _QUIET not in absl_logger.filters:
             absl_logger.addFilter(_QUIET)
+        _install_closed_loop_filter()
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as e:

@@ -74,7 +74,7 @@ def _main(argv: list[str], *, debug: bool = False) -> int:
     if not debug and ((num is not None and num > 1) or cfg.distributed.auto):
         from .supervise import supervise
 
-        return supervise(lambda: _train(cfg))
+        return supervise(lambda: run_cli(lambda _: _train(cfg), []))  # the child reports its own errors too
     return _train(cfg)
 
 

@@ -20,6 +20,7 @@ Restarting every process with the same command resumes from the last checkpoint.
 from __future__ import annotations
 
 import os
+import re
 
 from facecrafter_jax.errors import ConfigError, PeerLostError
 
@@ -97,11 +98,9 @@ def peer_lost_error(e: BaseException, *, step: int, last_checkpoint: int | None)
     import jax
 
     reason = " ".join(str(e).split())
-    for m in PEER_LOSS_MARKERS:  # keep the informative part of long runtime messages
-        i = reason.find(m)
-        if i >= 0:
-            reason = reason[max(0, i - 40):i + 160]
-            break
+    reason = re.sub(r"\[[^\]]*\.(?:cc|h):\d+\]\s*", "", reason)  # C++ source locations of the runtime
+    reason = re.sub(r"\s*\[[\d.:]+\]:\d+", "", reason)  # peer socket addresses
+    reason = (reason[:240] + "...") if len(reason) > 240 else reason
     resume = f"from the last checkpoint (step {last_checkpoint})" if last_checkpoint is not None else "from scratch"
     return PeerLostError(f"lost contact with another process of this {jax.process_count()}-process run at step {step} "
                          f"(this is process {jax.process_index()}): {reason}. A peer died or was preempted: restart "

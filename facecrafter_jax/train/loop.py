@@ -392,21 +392,21 @@ class Trainer:
             log_now = step % cfg.logging.every == 0 or step == cfg.steps
             save_now = ckpt.every > 0 and step % ckpt.every == 0
             if log_now or save_now or save_pending:
-                self._check_finite(step, metrics, logger)
                 unchecked = None
                 host = {k: float(np.asarray(v)) for k, v in metrics.items()}
-                if self._finite_step == step:
-                    window.append(host["loss"])
-                if log_now:
+                if log_now:  # logged before the check below, which may stop the run
                     now = time.perf_counter()
                     dt = (now - last_log_time) / max(1, step - last_log_step)
                     host["step_time_s"] = dt
                     host["images_per_s"] = cfg.data.global_batch_size / dt if dt > 0 else float("nan")
                     if self.step_flops is not None and dt > 0:
                         host["tflops_per_s"] = self.step_flops / dt / 1e12
-                    host["nonfinite_steps"] = float(self.nonfinite_total)
+                    host["nonfinite_steps"] = float(self.nonfinite_total + (host["nonfinite"] > 0))
                     logger.log(step, host)
                     last_log_time, last_log_step = time.perf_counter(), step
+                self._check_finite(step, metrics, logger)
+                if self._finite_step == step:
+                    window.append(host["loss"])
                 if save_now or save_pending:
                     # Only a step whose loss and gradient norm are finite is saved (a checkpoint never holds a
                     # diverged state); a save due at a non-finite step waits for the next finite one.

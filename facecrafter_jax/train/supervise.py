@@ -56,12 +56,14 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _reason(text: bytes) -> str:
-    for pat in (rb"Task \d+ heartbeat timeout", rb"tasks are unhealthy[^\n]*", rb"UNAVAILABLE: [^\n]{0,160}",
-                rb"Connection (?:closed|reset)[^\n]{0,80}", rb"Socket closed", rb"DEADLINE_EXCEEDED[^\n]{0,120}"):
-        m = re.search(pat, text)
-        if m:
-            return one_line(m.group(0).decode("utf-8", "replace"))
-    return "the coordination service reported a failed task"
+    if re.search(rb"heartbeat timeout|stopped sending heartbeats", text):
+        tasks = sorted(set(re.findall(rb"Task (\d+) heartbeat timeout", text)))
+        who = f"process {', '.join(t.decode() for t in tasks)}" if tasks else "a peer"
+        return f"{who} sent no heartbeat within distributed.heartbeat_timeout_s"
+    if re.search(rb"coordination service|leader task", text) and re.search(rb"UNAVAILABLE|Failed to send RPC", text):
+        return "the coordinator (process 0) is gone"
+    m = re.search(rb"(?:Connection (?:closed|reset)|Socket closed|DEADLINE_EXCEEDED)[^\n.]{0,80}", text)
+    return one_line(m.group(0).decode("utf-8", "replace")) if m else "the coordination service reported a failed task"
 
 
 def supervise(fn: Callable[[], int]) -> int:
