@@ -177,10 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from facecrafter_jax.errors import UserError, one_line
+
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, UserError) as e:  # UserError: e.g. a damaged training checkpoint
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 
