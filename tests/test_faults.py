@@ -21,7 +21,8 @@ from facecrafter_jax.data import records as R
 from facecrafter_jax.data.integrity import verify_dataset
 from facecrafter_jax.train.checkpoint import load_trained_params
 from facecrafter_jax.train.cli import main as train_main
-from facecrafter_jax.train.testing import REPO, free_port, start_train, train_command, train_env, wait_for_step
+from facecrafter_jax.train.testing import (REPO, free_port, session_cache_dir, start_train, train_command, train_env,
+                                          wait_for_step)
 
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 QUIET = ["logging.tensorboard=false", "logging.progress=false"]
@@ -30,7 +31,7 @@ KEYS = ("loss", "diffusion_loss", "ad_loss", "grad_norm", "lr", "timestep_mean")
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("faults_cache")
+    return session_cache_dir(tmp_path_factory)  # shared with test_train_resume / test_train_distributed
 
 
 def _one_error_line(text: str) -> str:
@@ -183,9 +184,8 @@ def test_malicious_pickle_never_runs(tmp_path, capsys):
     torch.save({"conv_in.weight": torch.zeros(2), "x": Payload()}, unet / "diffusion_pytorch_model.bin")
     cfg = yaml.safe_load(CONFIG.read_text())["model"]["unet"]
     (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **cfg}))
-    probe = subprocess.run([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=False)",
-                            str(unet / "diffusion_pytorch_model.bin")], capture_output=True, text=True)
-    assert probe.returncode == 0 and marker.exists()  # the payload is real: an unsafe load runs it
+    torch.load(unet / "diffusion_pytorch_model.bin", weights_only=False)  # the payload is real: an unsafe load ...
+    assert marker.exists()  # ... runs it
     marker.unlink()
     assert convert_main(["from-diffusers", "--unet", str(unet), "--out", str(tmp_path / "out")]) == 2
     line = _one_error_line(capsys.readouterr().err)

@@ -10,7 +10,7 @@ import pytest
 
 from facecrafter_jax.train.checkpoint import find_step_dir, load_trained_params
 from facecrafter_jax.train.logging import read_metrics
-from facecrafter_jax.train.testing import REPO, run_train, start_train, wait_for_step
+from facecrafter_jax.train.testing import REPO, run_train, session_cache_dir, start_train, wait_for_step
 
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 STEPS = 8
@@ -20,7 +20,7 @@ KEYS = ("loss", "diffusion_loss", "ad_loss", "grad_norm", "lr", "timestep_mean",
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    return {"root": root, "cache": root / "jax_cache"}
+    return {"root": root, "cache": session_cache_dir(tmp_path_factory)}
 
 
 def _overrides(env, run_dir, *extra):
