@@ -347,6 +347,47 @@ def test_lost_peer_stops_the_survivor_then_both_resume_bit_identically(tmp_path,
     _assert_finite_checkpoints(run_dir, _steps(run_dir))
 
 
+SUPERVISED = r"""
+import os, signal, sys, time
+from facecrafter_jax.train.supervise import supervise
+
+def child():
+    if sys.argv[1] == "abort":  # what the JAX runtime does when the coordination service reports a dead peer
+        sys.stderr.write("step 1/3\r"); sys.stderr.flush()
+        sys.stderr.write("[train] an ordinary line\n"); sys.stderr.flush()
+        os.write(2, b"E0101 00:00:00.1 7 coordination_service_agent.cc:289] Polled an error from coordination service\n"
+                    b"F0101 00:00:00.2 7 client.h:80] Terminating process because the JAX distributed service detected "
+                    b"fatal errors. Task 1 heartbeat timeout\n*** Check failure stack trace: ***\n    @ 0x7f00 SendToLog\n")
+        os.abort()
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))  # the trainer saves and leaves on SIGTERM
+    print("ready", flush=True)
+    time.sleep(60)
+    return 1
+
+sys.exit(supervise(child))
+"""
+
+
+def test_supervisor_turns_a_runtime_abort_into_one_line_and_forwards_sigterm(tmp_path):
+    """The supervisor of multi-process runs (train/supervise.py) on a child that dies as the JAX runtime makes it
+    die when a peer is lost (fatal log lines, then abort): output before passes through byte for byte, the report
+    goes to a log file, one line replaces it; SIGTERM to the supervisor reaches the child."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", SUPERVISED, "abort"], cwd=REPO, env=env, capture_output=True, timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.startswith("step 1/3\r[train] an ordinary line\n"), err
+    line = _one_error_line(err)
+    assert "lost contact with another process" in line and "process 1 sent no heartbeat" in line
+    assert "Check failure" not in err and "client.h" not in err
+    log = Path(line.split("runtime log: ")[1].rstrip(")"))
+    assert b"Check failure stack trace" in log.read_bytes()
+    log.unlink()
+    p = subprocess.Popen([sys.executable, "-c", SUPERVISED, "wait"], cwd=REPO, env=env, stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"ready\n"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 7  # the child's own exit status
+
+
 # ------------------------------------------------------------------------------------ data_prep killed
 HARNESS = r'''
 import sys, time, zlib

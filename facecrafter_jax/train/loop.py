@@ -205,6 +205,9 @@ class Trainer:
         the shards that verify."""
         if self.cfg.data.on_change != "restart":
             self.records.raise_if_problems(training=True)
+        if getattr(self, "_left_out_logged", False):
+            return
+        self._left_out_logged = True
         self.messages.append(f"[train] data.on_change=restart: leaving out {len(self.records.problems)} shard(s) that do "
                              f"not verify: {self.records.problem_text()}")
 
@@ -224,7 +227,8 @@ class Trainer:
             return False
         bad = {p.shard: str(p) for p in self.records.problems}
         gone = {k: v for k, v in saved.get("shards", {}).items() if k not in bad}
-        changes = "; ".join([*bad.values(), describe_changes(gone, self.records.shards)]).strip("; ")
+        changes = "; ".join([*bad.values(), describe_changes(gone, self.records.shards)]).strip("; ") or \
+            "dataset.json describes the shards differently (sizes or hashes recorded since)"
         if self.cfg.data.on_change != "restart":
             raise DataError(
                 f"the records in {self.data_dir} changed since the checkpoint at step {step} was written: {changes}. "

@@ -117,13 +117,14 @@ def supervise(fn: Callable[[], int]) -> int:
             data = held + chunk
             held = b""
             shown = bytearray()
+            offset = 0
             for line in data.splitlines(keepends=True):
-                complete = line.endswith(b"\n")
+                start, offset = offset, offset + len(line)
                 if any(m in line for m in RUNTIME_FATAL_MARKERS):
-                    fatal = line + data[data.index(line) + len(line):] if not fatal else fatal
+                    fatal = data[start:]  # from here on the runtime's report goes to the log file
                     break
-                if not complete and _ABSL_PREFIX.match(line):
-                    held = line
+                if not line.endswith((b"\n", b"\r")) and _ABSL_PREFIX.match(line):
+                    held = line  # an unfinished log line: decide when it is complete
                     continue
                 child_error |= line.startswith(b"error: ")
                 shown += line
