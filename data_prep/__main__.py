@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--all-files", action="store_true", help="consider every file, not only image extensions")
     r.add_argument("--retry-skipped", action="store_true", help="process again the images the manifest marks skipped")
     r.add_argument("--limit", type=_positive, default=None, help="process at most this many new images")
+    r.add_argument("--identity-csv", metavar="CSV", help="identity of each image (header: image,identity; image paths "
+                   "relative to --images), stored as identities.tsv; default: the image's parent folder is its identity")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = sub.add_parser("inspect", help="print a JSON summary of a prepared folder")
@@ -99,7 +101,8 @@ def _main(argv) -> int:
                   resolution=args.resolution, workers=args.workers, batch_size=args.batch_size,
                   shard_size=args.shard_size, latent_dtype=args.latent_dtype, min_side=args.min_side,
                   num_faces=args.num_faces, emonet_crop_scale=args.emonet_crop_scale, all_files=args.all_files,
-                  retry_skipped=args.retry_skipped, limit=args.limit, progress=not args.no_progress)
+                  retry_skipped=args.retry_skipped, limit=args.limit, progress=not args.no_progress,
+                  identity_csv=args.identity_csv)
     print(summary_json(summary))
     return 0
 

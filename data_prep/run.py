@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.extract import ExtractSettings, FaceExtractor, init_worker, process_in_worker
-from data_prep.images import IMAGE_EXTENSIONS
+from data_prep.identities import read_identity_csv
 from data_prep.manifest import MANIFEST_NAME, Manifest
 from facecrafter_jax.errors import DataError, MissingDataError
+from facecrafter_jax.face.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,9 @@ class _Stage:
 
 def load_models(arcface: str, emonet: str, vae: str, resolution: int, batch_size: int):
     """``(arcface, emotion, latent)`` callables of the model stage: ArcFace ONNX, Flax EmoNet, Flax VAE."""
-    from data_prep.arcface import ArcFaceONNX
-    from data_prep.models import EmotionModel, LatentModel
+    from data_prep.models import LatentModel
+    from facecrafter_jax.face.arcface import ArcFaceONNX
+    from facecrafter_jax.face.emotion import EmotionModel
 
     return ArcFaceONNX(arcface), EmotionModel(emonet, batch_size), LatentModel(vae, resolution, batch_size)
 
@@ -145,14 +147,15 @@ def make_extractor(landmarker: str, settings: ExtractSettings) -> FaceExtractor:
 def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: str, *, resolution: int = 512,
         workers: int | None = None, batch_size: int = 16, shard_size: int = 1000, latent_dtype: str = "float16",
         min_side: int | None = None, num_faces: int = 5, emonet_crop_scale: float = 0.75, all_files: bool = False,
-        retry_skipped: bool = False, limit: int | None = None, progress: bool = True) -> dict:
+        retry_skipped: bool = False, limit: int | None = None, progress: bool = True,
+        identity_csv: str | None = None) -> dict:
     """Process every image under ``images`` into records in ``out``; resumable. Returns a summary dict.
 
     See ``python -m data_prep run --help`` for the arguments.
     """
-    from facecrafter_jax.data.records import RecordWriter, read_dataset_info
+    from facecrafter_jax.data.records import RecordWriter, read_dataset_info, read_image_ids, write_identity_labels
 
-    from data_prep.images import MIN_SIDE
+    from facecrafter_jax.face.images import MIN_SIDE
 
     t_start = time.time()
     settings = ExtractSettings(resolution=resolution, min_side=MIN_SIDE if min_side is None else min_side,
@@ -168,6 +171,7 @@ def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: 
         raise MissingDataError(f"--vae: diffusers VAE folder not found: {vae}")
     root = os.path.abspath(images)
     all_ids = list_images(root, all_files=all_files, exclude=out)
+    identities = None if identity_csv is None else read_identity_csv(identity_csv, all_ids)
 
     # Models first: a wrong file fails before any work is done.
     arc_model, emo_model, lat_model = load_models(arcface, emonet, vae, resolution, batch_size)
@@ -201,6 +205,8 @@ def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: 
         finally:
             writer.close()  # commits the last (short) shard; on an exception the partial shard is kept
             stage.commit_pending()
+            if identities is not None:
+                write_identity_labels(out_path, {i: identities[i] for i in read_image_ids(out_path)})
     elapsed = time.time() - t_start
     summary.update(ok=stage.ok, skipped=dict(stage.skipped), seconds=round(elapsed, 2),
                    images_per_second=round(len(todo) / elapsed, 3) if elapsed > 0 else None)

@@ -15,6 +15,7 @@ _RECORDS = (
     "FIELDS", "SCHEMA_VERSION", "EMOTION_CLASSES", "RecordError", "RecordCodec", "RecordWriter",
     "encode_record", "decode_record", "field_specs", "latent_side", "list_shards", "read_dataset_info",
     "count_records", "shard_record_counts", "read_image_ids", "iter_records", "codec_for", "synthetic_record",
+    "read_identity_labels", "write_identity_labels", "IDENTITIES_FILE",
 )
 _PIPELINE = (
     "InputPipeline", "make_pipeline", "save_iterator_state", "restore_iterator_state",

@@ -2,18 +2,23 @@
 
 Order of operations (one grain ``MapDataset`` chain, identical on every process)::
 
-    MapDataset.source(ArrayRecordDataSource(shards))
+    MapDataset.range(num_records)
       .seed(seed) -> .shuffle()           index shuffle, a different permutation each epoch (seed + epoch)
       .repeat(num_epochs)                 None = forever
+      .random_map(other photo)            optional: index -> (index, index of another photo of the same identity)
       [process_index::process_count]      each process gets a disjoint, interleaved slice
-      .map(decode)                        bytes -> dict of numpy arrays (np.frombuffer)
+      .map(read + decode)                 ArrayRecord bytes -> dict of numpy arrays (np.frombuffer)
       .batch(global_batch // process_count, drop_remainder=True)
       .to_iter_dataset(ReadOptions)       threads in the reading process
       .mp_prefetch(worker_count)          optional worker processes (each takes every worker_count-th batch)
     then, in the training process: jax.make_array_from_process_local_data(sharding, batch)
 
 Every process must use the same ``seed`` (so all see the same global permutation) and the same
-``global_batch_size``. The iterator state (a small JSON dict per process) is saved with orbax, see
+``global_batch_size``. The other-photo draw (``other_photo_identity`` > 0) happens before the per-process slice,
+so it depends only on (seed, position in the global sequence), not on the process layout: with probability p a
+record's ``arcface`` is replaced by that of another record of the same identity
+(:func:`~facecrafter_jax.data.records.read_identity_labels`), as at inference the identity comes from a reference
+photo, not from the target image; an identity with one record keeps its own. The iterator state (a small JSON dict per process) is saved with orbax, see
 :func:`save_iterator_state` / :func:`restore_iterator_state` and :func:`iterator_save_args` /
 :func:`iterator_restore_args` for putting it into the training checkpoint's ``ocp.args.Composite``.
 """
@@ -47,6 +52,34 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+class OtherPhoto:
+    """Picklable grain random map: record index -> (index, index whose ``arcface`` it uses).
+
+    With probability ``p`` the second index is drawn uniformly from the other records of the same identity; an
+    identity with a single record (or probability 1 - p) keeps the record's own index.
+    """
+
+    def __init__(self, labels: Sequence[str], p: float):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"other-photo identity probability must be in [0, 1], got {p}")
+        self.p = float(p)
+        codes: dict[str, int] = {}
+        self.label = np.asarray([codes.setdefault(lab, len(codes)) for lab in labels], np.int64)
+        order = np.argsort(self.label, kind="stable")
+        bounds = np.searchsorted(self.label[order], np.arange(len(codes) + 1))
+        self.members = [order[bounds[k]:bounds[k + 1]] for k in range(len(codes))]
+
+    def __call__(self, index: int, rng: np.random.Generator) -> tuple[int, int]:
+        index = int(index)
+        group = self.members[self.label[index]]
+        if len(group) < 2 or rng.random() >= self.p:
+            return index, index
+        k = int(rng.integers(len(group) - 1))  # uniform over the group without the record itself
+        if k >= int(np.searchsorted(group, index)):
+            k += 1
+        return index, int(group[k])
+
+
 class IteratorStateMismatch(ValueError):
     """An iterator state saved by a pipeline with other settings (the message names them)."""
 
@@ -66,71 +99,63 @@ class ShardLocator:
         return f"record {index - int(self._starts[i])} of {os.path.join(self.data_dir, self.shards[i][0])}"
 
 
-class ShardSource:
-    """grain random-access source over record shards that yields ``(global index, bytes)``.
+class ReadRecord:
+    """Picklable grain map: record index (or ``(index, arcface index)``) -> decoded fields of that record.
 
-    A record that cannot be read (a damaged ArrayRecord chunk: riegeli checks its hashes) is a
-    :class:`~facecrafter_jax.errors.DataError` naming the shard and the record's index in it.
-    """
+    A record that cannot be read (a damaged ArrayRecord chunk: riegeli checks its hashes) or decoded is a
+    :class:`~facecrafter_jax.errors.DataError` naming the shard and the record's index in it (``locate``)."""
 
-    def __init__(self, data_dir: str | os.PathLike, shards: Sequence[tuple[str, int]]):
-        self.locate = ShardLocator(data_dir, shards)
-        self._source = grain.sources.ArrayRecordDataSource(
-            [f"{os.path.join(self.locate.data_dir, n)}[0:{c}]" for n, c in self.locate.shards])  # counts: no reopen
+    def __init__(self, source, decode: "DecodeRecord", locate: ShardLocator | None = None):
+        self.source = source
+        self.decode = decode
+        self.locate = locate
 
-    def __len__(self) -> int:
-        return len(self._source)
+    def _where(self, index: int) -> str:
+        return self.locate(index) if self.locate is not None else f"record {index}"
 
-    def __getitem__(self, index: int) -> tuple[int, bytes]:
+    def _read(self, index: int) -> bytes:
         try:
-            return int(index), self._source[index]
+            return self.source[index]
         except Exception as e:  # noqa: BLE001 - the reader raises RuntimeError / OSError for damaged files
-            raise DataError(f"{self.locate(int(index))} cannot be read ({type(e).__name__}: {e}); the shard is "
-                            "damaged: check the folder with python -m data_prep verify DIR --hashes") from None
+            raise DataError(f"{self._where(index)} cannot be read ({type(e).__name__}: {e}); the shard is damaged: "
+                            "check the folder with python -m data_prep verify DIR --hashes") from None
 
-    @property
-    def paths(self):
-        return self._source.paths
-
-    def __getstate__(self):
-        return {"data_dir": self.locate.data_dir, "shards": self.locate.shards}
-
-    def __setstate__(self, state):
-        self.__init__(state["data_dir"], state["shards"])
+    def __call__(self, item) -> dict[str, Any]:
+        index, other = (int(item), int(item)) if np.ndim(item) == 0 else (int(item[0]), int(item[1]))
+        try:
+            rec = self.decode(self._read(index))
+            if other != index and "arcface" in rec:
+                index = other
+                rec["arcface"] = self.decode.codec.decode(self._read(other))["arcface"]
+        except R.RecordError as e:
+            raise DataError(f"{self._where(index)} does not decode: {e}") from None
+        return rec
 
 
 class DecodeRecord:
-    """Picklable grain map: record bytes (or ``(index, bytes)`` from :class:`ShardSource`) -> dict of the selected
-    fields (numpy arrays; image_id a str). A record that does not decode is a DataError naming shard and index."""
+    """Picklable grain map: record bytes -> dict of the selected fields (numpy arrays; image_id a str)."""
 
     def __init__(self, resolution: int, latent_dtype: str, fields: Sequence[str] | None = None,
-                 latent_side: int | None = None, locate: ShardLocator | None = None):
+                 latent_side: int | None = None):
         self.resolution = resolution
         self.latent_dtype = latent_dtype
         self.latent_side = latent_side
-        self.locate = locate
         self.fields = tuple(R.FIELDS if fields is None else fields)
         unknown = sorted(set(self.fields) - set(R.FIELDS))
         if unknown:
             raise R.RecordError(f"unknown field(s) {unknown} requested; record fields are {list(R.FIELDS)}")
-        self._codec = R.RecordCodec(resolution, latent_dtype, latent_side)
+        self.codec = R.RecordCodec(resolution, latent_dtype, latent_side)
 
-    def __call__(self, item) -> dict[str, Any]:
-        index, data = item if isinstance(item, tuple) else (None, item)
-        try:
-            rec = self._codec.decode(data)
-        except R.RecordError as e:
-            where = self.locate(index) if (self.locate is not None and index is not None) else "a record"
-            raise DataError(f"{where} does not decode: {e}") from None
+    def __call__(self, data: bytes) -> dict[str, Any]:
+        rec = self.codec.decode(data)
         return {k: rec[k] for k in self.fields}
 
     def __getstate__(self):
         return {"resolution": self.resolution, "latent_dtype": self.latent_dtype, "fields": self.fields,
-                "latent_side": self.latent_side, "locate": self.locate}
+                "latent_side": self.latent_side}
 
     def __setstate__(self, state):
-        self.__init__(state["resolution"], state["latent_dtype"], state["fields"], state.get("latent_side"),
-                      state.get("locate"))
+        self.__init__(state["resolution"], state["latent_dtype"], state["fields"], state.get("latent_side"))
 
 
 def data_sharding(mesh: jax.sharding.Mesh | None = None, axis: str | tuple[str, ...] = "data"):
@@ -158,6 +183,7 @@ class PipelineSpec:
     process_index: int
     process_count: int
     worker_count: int
+    other_photo_identity: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -245,7 +271,7 @@ class InputPipeline:
         """Restores a position from :meth:`get_state`; the pipeline spec must match (clear error otherwise)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"iterator state version {state.get('version')!r} is not supported ({STATE_VERSION})")
-        saved, mine = state["spec"], self.spec.to_json()
+        saved, mine = {"other_photo_identity": 0.0, **state["spec"]}, self.spec.to_json()  # key added later
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
@@ -284,6 +310,7 @@ def make_pipeline(
     read_buffer_size: int = 4,
     sharding: Any = "default",
     device_prefetch: int = 2,
+    other_photo_identity: float = 0.0,
     shards: Mapping[str, int] | None = None,
 ) -> InputPipeline:
     """Builds the training input pipeline over the complete shards of ``data_dir``.
@@ -305,6 +332,8 @@ def make_pipeline(
         sharding: ``jax.sharding.Sharding`` for the numeric fields of each global batch; ``"default"`` is
             :func:`data_sharding` over all devices; ``None`` yields host numpy batches.
         device_prefetch: batches placed on device ahead of the consumer.
+        other_photo_identity: probability that a record's ``arcface`` comes from another record of the same
+            identity (module docstring); 0 keeps every record's own.
         shards: ``{shard name: records}`` to read (e.g. the shards that passed
             :func:`~facecrafter_jax.data.integrity.verify_dataset`); default: every complete shard.
     """
@@ -328,21 +357,25 @@ def make_pipeline(
         raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    decode = DecodeRecord(info["resolution"], info["latent_dtype"], fields, info.get("latent_side"))
     spec = PipelineSpec(
         shards=tuple(sorted(counts.items())), resolution=info["resolution"], latent_dtype=info["latent_dtype"],
-        fields=tuple(R.FIELDS if fields is None else fields), seed=int(seed), shuffle=bool(shuffle), num_epochs=num_epochs,
+        fields=decode.fields, seed=int(seed), shuffle=bool(shuffle), num_epochs=num_epochs,
         global_batch_size=int(global_batch_size), process_index=int(process_index),
-        process_count=int(process_count), worker_count=int(worker_count))
+        process_count=int(process_count), worker_count=int(worker_count),
+        other_photo_identity=float(other_photo_identity))
     local_batch = global_batch_size // process_count
 
-    source = ShardSource(data_dir, spec.shards)
-    decode = DecodeRecord(info["resolution"], info["latent_dtype"], fields, info.get("latent_side"), source.locate)
-    ds = grain.MapDataset.source(source).seed(seed)
+    # Shard files named with their record counts ("path[0:n]") so grain does not reopen each one to count.
+    source = grain.sources.ArrayRecordDataSource([f"{data_dir / name}[0:{n}]" for name, n in spec.shards])
+    ds = grain.MapDataset.range(sum(n for _, n in spec.shards)).seed(seed)
     if shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(num_epochs)
+    if other_photo_identity > 0:
+        ds = ds.random_map(OtherPhoto(_identity_labels(data_dir, spec.shards), other_photo_identity))
     ds = ds[process_index::process_count]
-    ds = ds.map(decode)
+    ds = ds.map(ReadRecord(source, decode, ShardLocator(data_dir, spec.shards)))
     ds = ds.batch(local_batch, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
     if worker_count > 0:
@@ -353,6 +386,16 @@ def make_pipeline(
             raise ValueError(f"sharding must be a jax Sharding, None or 'default', got {sharding!r}")
         sharding = data_sharding()
     return InputPipeline(it_ds, spec, sharding=sharding, device_prefetch=device_prefetch)
+
+
+def _identity_labels(data_dir: Path, shards: Sequence[tuple[str, int]]) -> list[str]:
+    """Identity labels of the records of ``shards`` (all or some of the folder's shards, in that order)."""
+    labels = R.read_identity_labels(data_dir)  # every complete shard, in storage order (from the .ids.txt sidecars)
+    offsets, start = {}, 0
+    for p in R.list_shards(data_dir):
+        offsets[p.name] = start
+        start += p.with_name(p.name[: -len(R.SHARD_SUFFIX)] + R.IDS_SUFFIX).read_text(encoding="utf-8").count("\n")
+    return [labels[offsets[name] + i] for name, n in shards for i in range(n)]
 
 
 # ---------------------------------------------------------------------------- orbax integration

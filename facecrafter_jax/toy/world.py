@@ -23,31 +23,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..data.records import EMOTION_CLASSES
+from facecrafter_jax.face.vocabulary import EMOTION_CLASSES, ID_DIM, NUM_EMOTIONS, VALENCE_AROUSAL
+
 from . import landmarks as L
 from .render import FaceParams, render_faces
 
 __all__ = [
     "EMOTION_CLASSES", "SCENES", "VALENCE_AROUSAL", "EMOTION_EXPRESSIONS", "HAIR_STYLES", "WorldConfig", "Identities",
-    "Attributes", "ToyBatch", "ToyWorld", "emotion_vectors", "write_records", "ARCFACE_DIM",
+    "Attributes", "ToyBatch", "ToyWorld", "emotion_vectors", "write_records",
 ]
-
-ARCFACE_DIM = 512
-NUM_EMOTIONS = len(EMOTION_CLASSES)
-
-# Circumplex positions (valence, arousal) at full intensity, after Russell's circumplex model and the
-# AffectNet class means (rounded): pleasant / unpleasant on x, calm / excited on y.
-VALENCE_AROUSAL = np.array([
-    [0.0, 0.0],     # neutral
-    [0.8, 0.5],     # happy
-    [-0.7, -0.4],   # sad
-    [0.3, 0.8],     # surprise
-    [-0.6, 0.7],    # fear
-    [-0.7, 0.3],    # disgust
-    [-0.6, 0.8],    # anger
-    [-0.5, 0.2],    # contempt
-], np.float32)
-VALENCE_AROUSAL.setflags(write=False)
 
 
 def _expr(**kw) -> np.ndarray:
@@ -347,7 +331,7 @@ class ToyWorld:
         arrays["glasses"] = (ex[:, 0] < c.p_glasses).astype(np.float64)
         arrays["beard"] = np.where(ex[:, 1] < c.p_beard, 0.55 + 0.4 * ex[:, 2], 0.0)
         arrays["beard_style"] = (ex[:, 3] < 0.4).astype(np.float64)
-        arc = np.stack([np.random.default_rng([c.seed, 2, i]).standard_normal(ARCFACE_DIM)
+        arc = np.stack([np.random.default_rng([c.seed, 2, i]).standard_normal(ID_DIM)
                         for i in range(c.num_identities)])
         arrays["arcface"] = (arc / np.linalg.norm(arc, axis=1, keepdims=True)).astype(np.float32)
         arrays["hair_style"] = arrays["hair_style"].astype(np.int64)

@@ -116,6 +116,7 @@ class DataConfig:
     read_threads: int = 4
     read_buffer_size: int = 4
     device_prefetch: int = 2
+    other_photo_identity: float = 0.0
     verify: str = "sizes"
     on_change: str = "error"
 
@@ -126,6 +127,9 @@ class DataConfig:
         _positive("data.device_prefetch", self.device_prefetch)
         if self.worker_count < 0:
             raise ConfigError(f"config key 'data.worker_count' must be >= 0, got {self.worker_count}")
+        if not 0.0 <= self.other_photo_identity <= 1.0:
+            raise ConfigError(f"config key 'data.other_photo_identity' must be a probability in [0, 1], "
+                              f"got {self.other_photo_identity}")
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,8 @@ class Trainer:
         return make_pipeline(self.data_dir, global_batch_size=d.global_batch_size, seed=d.seed, fields=BATCH_FIELDS,
                              worker_count=d.worker_count, read_threads=d.read_threads,
                              read_buffer_size=d.read_buffer_size, sharding=self.batch_sharding,
-                             device_prefetch=d.device_prefetch, shards=self.records.counts)
+                             device_prefetch=d.device_prefetch, other_photo_identity=d.other_photo_identity,
+                             shards=self.records.counts)
 
     # --------------------------------------------------------------------------------------- records
     def _verify_records(self):

@@ -46,7 +46,7 @@ class TrainModel(nnx.Module):
     """What one train step runs: the denoiser and the ``text_encoder`` (Arc2Face's identity encoder).
 
     The denoiser is ``facecrafter`` (the UNet with control adapters and token encoders; control stages)
-    or ``unet`` (the bare Arc2Face UNet; the ``base`` stage). :meth:`denoise` calls whichever it is.
+    or ``unet`` (the bare Arc2Face UNet; the ``base`` stage); :attr:`denoiser` is whichever it is.
     """
 
     def __init__(self, denoiser: nnx.Module, text_encoder: nnx.Module):
@@ -61,12 +61,6 @@ class TrainModel(nnx.Module):
     @property
     def denoiser(self) -> nnx.Module:
         return self.facecrafter if hasattr(self, "facecrafter") else self.unet
-
-    def denoise(self, latents, timesteps, context, **inputs):
-        """Noise (or v) prediction; ``inputs`` are FaceCrafter's control arguments (none for the base)."""
-        if inputs and not hasattr(self, "facecrafter"):
-            raise ValueError(f"the base model takes no control inputs, got {sorted(inputs)}")
-        return self.denoiser(latents, timesteps, context, **inputs)
 
 
 BASE_TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("token_embedding")))
