@@ -39,7 +39,6 @@ encoder, branch on) or switched off (branch weight 0), per :attr:`Setup.absent`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
@@ -147,14 +146,11 @@ class MixedConditioningConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MixedConditioningConfig":
         """From a config section. When it gives any setup probability, the setups it leaves out get 0."""
-        d = dict(d)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown mixed-conditioning config key(s) {unknown}; expected a subset of {sorted(fields)}")
+        from facecrafter_jax.config import from_dict  # the one config engine: typed values, unknown keys named
+
         if any(n in d for n in _SETUP_NAMES):
             d = {**{n: 0.0 for n in _SETUP_NAMES}, **d}
-        return cls(**d)
+        return from_dict(cls, d, what="mixed-conditioning")
 
 
 class ConditioningSample(NamedTuple):

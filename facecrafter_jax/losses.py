@@ -26,7 +26,6 @@ or null-dropped contribute nothing. With no active sample at all the loss is 0. 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -297,11 +296,9 @@ class ADLossConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ADLossConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown AD loss config key(s) {unknown}; expected a subset of {sorted(fields)}")
-        return cls(**d)
+        from facecrafter_jax.config import from_dict  # the one config engine: typed values, unknown keys named
+
+        return from_dict(cls, d, what="AD loss")
 
 
 def ad_loss(config: ADLossConfig, maps, active: Mapping[str, jax.Array], *,

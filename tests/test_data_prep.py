@@ -387,7 +387,7 @@ def test_umeyama_and_head_pose_closed_form():
     assert rotation_from_pose([30, 0, 0])[0, 2] > 0
 
 
-def test_clear_errors_for_bad_models_and_paths(tmp_path, shared_models):
+def test_clear_errors_for_bad_models_and_paths(tmp_path, shared_models, capsys):
     from diffusers import AutoencoderKL
 
     from data_prep.__main__ import main
@@ -398,8 +398,8 @@ def test_clear_errors_for_bad_models_and_paths(tmp_path, shared_models):
     args = ["run", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"),
             "--landmarker", str(shared_models / "face_landmarker.task"), "--arcface", str(tmp_path / "missing.onnx"),
             "--emonet", str(tmp_path / "e.pth"), "--vae", str(tmp_path / "vae")]
-    with pytest.raises(FileNotFoundError, match="--arcface"):
-        main(args)
+    assert main(args) == 2  # one line, exit status 2 (facecrafter_jax.errors.run_cli)
+    assert capsys.readouterr().err == f"error: --arcface: file not found: {tmp_path / 'missing.onnx'}\n"
     with pytest.raises(SystemExit):
         main(args + ["--batch-size", "0"])
 

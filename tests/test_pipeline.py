@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from facecrafter_jax.data import pipeline as P
+from facecrafter_jax.data import identities as I
 from facecrafter_jax.data import records as R
 
 RES = 64
@@ -338,16 +339,16 @@ def test_other_photo_draws_only_same_identity_and_is_deterministic(people):
 
 def test_identity_labels_from_file_override_folders(people, tmp_path):
     d, arcface = people
-    assert R.read_identity_labels(d)[:3] == ["p00", "p01", "p01"]
+    assert I.read_identity_labels(d)[:3] == ["p00", "p01", "p01"]
     ids = R.read_image_ids(d)
-    R.write_identity_labels(d, {i: "everyone" for i in ids})
+    I.write_identity_labels(d, {i: "everyone" for i in ids})
     try:
-        assert set(R.read_identity_labels(d)) == {"everyone"}
+        assert set(I.read_identity_labels(d)) == {"everyone"}
         pairs = _sources(list(P.make_pipeline(d, other_photo_identity=1.0, global_batch_size=12, seed=1, num_epochs=1,
                                               sharding=None, fields=("image_id", "arcface"))), arcface)
         assert all(o != s for o, s in pairs) and len({os.path.dirname(s) for _, s in pairs}) > 1
-        R.write_identity_labels(d, {i: "x" for i in ids[:-1]})
+        I.write_identity_labels(d, {i: "x" for i in ids[:-1]})
         with pytest.raises(R.RecordError, match="no identity for 1 record"):
-            R.read_identity_labels(d)
+            I.read_identity_labels(d)
     finally:
-        (d / R.IDENTITIES_FILE).unlink()
+        (d / I.IDENTITIES_FILE).unlink()

@@ -17,7 +17,7 @@ Every process must use the same ``seed`` (so all see the same global permutation
 ``global_batch_size``. The other-photo draw (``other_photo_identity`` > 0) happens before the per-process slice,
 so it depends only on (seed, position in the global sequence), not on the process layout: with probability p a
 record's ``arcface`` is replaced by that of another record of the same identity
-(:func:`~facecrafter_jax.data.records.read_identity_labels`), as at inference the identity comes from a reference
+(:func:`~facecrafter_jax.data.identities.read_identity_labels`), as at inference the identity comes from a reference
 photo, not from the target image; an identity with one record keeps its own. The iterator state (a small JSON dict per process) is saved with orbax, see
 :func:`save_iterator_state` / :func:`restore_iterator_state` and :func:`iterator_save_args` /
 :func:`iterator_restore_args` for putting it into the training checkpoint's ``ocp.args.Composite``.
@@ -39,6 +39,8 @@ import jax
 import numpy as np
 
 from facecrafter_jax.data import records as R
+from facecrafter_jax.data.identities import read_identity_labels
+from facecrafter_jax.errors import DataError
 
 STATE_VERSION = 1
 
@@ -79,18 +81,55 @@ class OtherPhoto:
         return index, int(group[k])
 
 
-class ReadRecord:
-    """Picklable grain map: record index (or ``(index, arcface index)``) -> decoded fields of that record."""
+class IteratorStateMismatch(ValueError):
+    """An iterator state saved by a pipeline with other settings (the message names them)."""
 
-    def __init__(self, source, decode: "DecodeRecord"):
+
+class ShardLocator:
+    """Global record index -> ``record k of <dir>/<shard>`` (for messages); picklable."""
+
+    def __init__(self, data_dir: str | os.PathLike, shards: Sequence[tuple[str, int]]):
+        self.data_dir = str(data_dir)
+        self.shards = tuple((str(n), int(c)) for n, c in shards)
+        self._starts = np.cumsum([0] + [c for _, c in self.shards])
+
+    def __call__(self, index: int) -> str:
+        i = int(np.searchsorted(self._starts, index, side="right")) - 1
+        if not 0 <= i < len(self.shards):
+            return f"record {index} of {self.data_dir}"
+        return f"record {index - int(self._starts[i])} of {os.path.join(self.data_dir, self.shards[i][0])}"
+
+
+class ReadRecord:
+    """Picklable grain map: record index (or ``(index, arcface index)``) -> decoded fields of that record.
+
+    A record that cannot be read (a damaged ArrayRecord chunk: riegeli checks its hashes) or decoded is a
+    :class:`~facecrafter_jax.errors.DataError` naming the shard and the record's index in it (``locate``)."""
+
+    def __init__(self, source, decode: "DecodeRecord", locate: ShardLocator | None = None):
         self.source = source
         self.decode = decode
+        self.locate = locate
+
+    def _where(self, index: int) -> str:
+        return self.locate(index) if self.locate is not None else f"record {index}"
+
+    def _read(self, index: int) -> bytes:
+        try:
+            return self.source[index]
+        except Exception as e:  # noqa: BLE001 - the reader raises RuntimeError / OSError for damaged files
+            raise DataError(f"{self._where(index)} cannot be read ({type(e).__name__}: {e}); the shard is damaged: "
+                            "check the folder with python -m data_prep verify DIR --hashes") from None
 
     def __call__(self, item) -> dict[str, Any]:
-        index, other = (item, item) if np.ndim(item) == 0 else (int(item[0]), int(item[1]))
-        rec = self.decode(self.source[int(index)])
-        if other != index and "arcface" in rec:
-            rec["arcface"] = self.decode.codec.decode(self.source[other])["arcface"]
+        index, other = (int(item), int(item)) if np.ndim(item) == 0 else (int(item[0]), int(item[1]))
+        try:
+            rec = self.decode(self._read(index))
+            if other != index and "arcface" in rec:
+                index = other
+                rec["arcface"] = self.decode.codec.decode(self._read(other))["arcface"]
+        except R.RecordError as e:
+            raise DataError(f"{self._where(index)} does not decode: {e}") from None
         return rec
 
 
@@ -237,7 +276,7 @@ class InputPipeline:
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
-            raise ValueError(f"iterator state was saved by a different pipeline ({detail})")
+            raise IteratorStateMismatch(f"iterator state was saved by a different pipeline ({detail})")
         self._buffer.clear()
         self.iterator.set_state(copy.deepcopy(state["grain"]))
         self._state = copy.deepcopy(state["grain"])
@@ -273,6 +312,7 @@ def make_pipeline(
     sharding: Any = "default",
     device_prefetch: int = 2,
     other_photo_identity: float = 0.0,
+    shards: Mapping[str, int] | None = None,
 ) -> InputPipeline:
     """Builds the training input pipeline over the complete shards of ``data_dir``.
 
@@ -295,12 +335,14 @@ def make_pipeline(
         device_prefetch: batches placed on device ahead of the consumer.
         other_photo_identity: probability that a record's ``arcface`` comes from another record of the same
             identity (module docstring); 0 keeps every record's own.
+        shards: ``{shard name: records}`` to read (e.g. the shards that passed
+            :func:`~facecrafter_jax.data.integrity.verify_dataset`); default: every complete shard.
     """
     data_dir = Path(data_dir)
     info = R.read_dataset_info(data_dir)
-    counts = R.shard_record_counts(data_dir)
+    counts = dict(shards) if shards is not None else R.shard_record_counts(data_dir)
     if not counts:
-        raise ValueError(f"{data_dir} has no complete shards")
+        raise DataError(f"{data_dir} has no complete shards")
     if process_index is None:
         process_index = jax.process_index()
     if process_count is None:
@@ -332,9 +374,9 @@ def make_pipeline(
         ds = ds.shuffle()
     ds = ds.repeat(num_epochs)
     if other_photo_identity > 0:
-        ds = ds.random_map(OtherPhoto(R.read_identity_labels(data_dir), other_photo_identity))
+        ds = ds.random_map(OtherPhoto(_identity_labels(data_dir, spec.shards), other_photo_identity))
     ds = ds[process_index::process_count]
-    ds = ds.map(ReadRecord(source, decode))
+    ds = ds.map(ReadRecord(source, decode, ShardLocator(data_dir, spec.shards)))
     ds = ds.batch(local_batch, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
     if worker_count > 0:
@@ -345,6 +387,16 @@ def make_pipeline(
             raise ValueError(f"sharding must be a jax Sharding, None or 'default', got {sharding!r}")
         sharding = data_sharding()
     return InputPipeline(it_ds, spec, sharding=sharding, device_prefetch=device_prefetch)
+
+
+def _identity_labels(data_dir: Path, shards: Sequence[tuple[str, int]]) -> list[str]:
+    """Identity labels of the records of ``shards`` (all or some of the folder's shards, in that order)."""
+    labels = read_identity_labels(data_dir)  # every complete shard, in storage order (from the .ids.txt sidecars)
+    offsets, start = {}, 0
+    for p in R.list_shards(data_dir):
+        offsets[p.name] = start
+        start += p.with_name(p.name[: -len(R.SHARD_SUFFIX)] + R.IDS_SUFFIX).read_text(encoding="utf-8").count("\n")
+    return [labels[offsets[name] + i] for name, n in shards for i in range(n)]
 
 
 # ---------------------------------------------------------------------------- orbax integration

@@ -42,7 +42,7 @@ from .state import World
 
 __all__ = ["sample_ids", "make_noise_schedule", "per_sample_keys", "conditioning_config", "ad_loss_config",
            "draw_conditioning", "make_train_step", "BATCH_FIELDS",
-           "BASE_ID_DROPOUT", "base_id_dropout"]
+           "BASE_ID_DROPOUT", "base_id_dropout", "skip_if_nonfinite"]
 
 BATCH_FIELDS = ("image_id", "arcface", "landmarks", "emotion", "latent_moments")
 """Record fields the trainer reads (``image_id`` becomes ``sample_id`` on the host)."""
@@ -122,6 +122,17 @@ def base_id_dropout(overrides: Mapping[str, Any]) -> float:
 
 
 _AD_CAPTURE = {"orthogonality": ("out",), "map_overlap": ("probs",), "across_setups": ("out",)}
+
+
+def skip_if_nonfinite(loss: jax.Array, grad_norm: jax.Array, new: dict, old: dict) -> tuple[dict, jax.Array]:
+    """Non-finite guard (the tail of the step): if ``loss`` or ``grad_norm`` is not finite, the new state keeps
+    ``old``'s parameters, optimiser state and EMA (only ``step`` advances: the batch is consumed). Returns the
+    state and ``nonfinite`` (float32 1.0 / 0.0, the ``nonfinite`` metric the loop counts). A finite step is
+    returned bit for bit (``where(True, new, old) == new``)."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = {k: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new[k], old[k])
+            for k in ("params", "opt_state", "ema") if k in new}
+    return {**new, **keep}, 1.0 - finite.astype(jnp.float32)
 
 
 def draw_conditioning(keys: jax.Array, config):
@@ -219,9 +230,10 @@ def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransforma
         if ema_decay is not None:
             d = _ema_decay(ema_decay, state["step"])
             new["ema"] = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
+        new, nonfinite = skip_if_nonfinite(loss, grad_norm, new, state)
         metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
                    "timestep_mean": jnp.mean(t.astype(jnp.float32)),
-                   "id_null_frac": jnp.mean(id_null)}
+                   "id_null_frac": jnp.mean(id_null), "nonfinite": nonfinite}
         for c in controls:
             metrics[f"{c}_active_frac"] = jnp.mean(C.active_controls(cond)[c])
         return new, metrics
