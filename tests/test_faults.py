@@ -305,8 +305,10 @@ def test_lost_peer_stops_the_survivor_then_both_resume_bit_identically(tmp_path,
     collective fails, it exits 2 within seconds with one line (it does not hang); restarting both resumes from
     the last checkpoint and the re-run steps repeat the lost ones bit for bit."""
     run_dir = tmp_path / "mp"
-    args = [f"run_dir={run_dir}", "steps=8", "checkpoint.every=4", "mesh.data=2", "data.synthetic.num_records=16",
-            "distributed.heartbeat_timeout_s=10", *QUIET]
+    # synchronous saves: the checkpoint at step 4 is committed before step 5 runs, so the kill after step 5 finds
+    # it on disk however slow the machine (an asynchronous save still in flight dies uncommitted with its peer)
+    args = [f"run_dir={run_dir}", "steps=8", "checkpoint.every=4", "checkpoint.async_save=false", "mesh.data=2",
+            "data.synthetic.num_records=16", "distributed.heartbeat_timeout_s=10", *QUIET]
 
     def launch(tag):
         port = free_port()

@@ -70,8 +70,10 @@ class RealAnalysers(Analysers):
 
             try:
                 self._emonet = EmotionModel(emonet, batch_size)
-            except (FileNotFoundError, ValueError):
+            except FileNotFoundError:
                 raise
+            except ValueError as e:  # the weight readers' one-line errors: say which flag gave the file
+                raise ValueError(f"--emonet {emonet}: {e}") from None
             except Exception as e:  # pickle / key errors from a file that is not an EmoNet checkpoint
                 raise ValueError(f"--emonet {emonet}: cannot load as an EmoNet checkpoint "
                                  f"({type(e).__name__}: {e})") from None
