@@ -153,7 +153,7 @@ def build_ours(tmp: Path, unet, text, fc_cfg: dict, batch: int, latent: int, ad_
         "name": "bench", "run_dir": str(tmp / f"run_ad{ad_weight}_remat{remat}"), "steps": 1000,
         "model": {"pretrained": str(pre), "controls": ["landmark", "emotion"], "facecrafter": fc_cfg,
                   "remat": remat},
-        "data": {"dir": str(tmp / f"data{latent}"), "global_batch_size": batch, "device_prefetch": 1,
+        "data": {"dir": "", "global_batch_size": batch, "device_prefetch": 1,  # synthetic set in <run_dir>/data
                  "synthetic": {"num_records": max(16, 4 * batch), "resolution": 8 * latent, "shard_size": 64,
                                "latent_dtype": "float16"}},
         "loss": {"ad_weight": ad_weight, "ad_reading": "orthogonality", "ad_layers": "all"},
@@ -233,7 +233,7 @@ def scaling(repeats_steps: int = 6) -> list[dict]:
             run_dir = tmp / f"n{devices}_{data}x{fsdp}"
             t0 = time.perf_counter()
             run_train(REPO / "configs" / "tiny_cpu.yaml",
-                      [f"run_dir={run_dir}", f"data.dir={tmp / 'data'}", f"steps={repeats_steps}", "checkpoint.every=0",
+                      [f"run_dir={run_dir}", f"steps={repeats_steps}", "checkpoint.every=0",
                        f"mesh.data={data}", f"mesh.fsdp={fsdp}", "logging.tensorboard=false"],
                       devices=devices, fast_compile=False)
             m = read_metrics(run_dir)
@@ -287,7 +287,7 @@ def stage_c_sd15(remat: bool, latent: int = 64, batch: int = 1, steps: int = 2) 
             "name": "sd15_stage_c", "stage": "joint", "run_dir": str(Path(d) / "run"), "steps": 100,
             "model": {"pretrained": None, "unet": unet, "text_encoder": _clip_config(spec),
                       "controls": ["landmark", "emotion"], "remat": remat},
-            "data": {"dir": str(Path(d) / "data"), "global_batch_size": batch, "device_prefetch": 1,
+            "data": {"dir": "", "global_batch_size": batch, "device_prefetch": 1,  # synthetic set in <run_dir>/data
                      "synthetic": {"num_records": 4 * batch, "resolution": 8 * latent, "shard_size": 64,
                                    "latent_dtype": "float16"}},
             "loss": {"ad_weight": 0.1, "ad_reading": "orthogonality", "ad_layers": "all"},

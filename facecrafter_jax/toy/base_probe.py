@@ -35,7 +35,7 @@ def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_iden
     from facecrafter_jax import metrics as M
 
     from . import measure as MS
-    from .render import contact_sheet, save_png
+    from facecrafter_jax.image_grid import image_grid, save_png
     from .report import load_pipeline
     from .splits import sample_split
 
@@ -78,7 +78,7 @@ def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_iden
     cols = [cond["ref_images"][idk]] + [images[idk * per + j] for j in range(min(per, 4))]
     grid = np.stack(cols, 1).reshape((-1,) + images.shape[1:])
     tag = "".join(f"_{k}{v}" for k, v in (evaluation or {}).items()) + ("" if export_ema else "_raw")
-    save_png(contact_sheet(np.repeat(np.repeat(grid, 2, 1), 2, 2), 2 * len(cols)), root / f"grid{tag}.png")
+    save_png(image_grid(np.repeat(np.repeat(grid, 2, 1), 2, 2), 2 * len(cols)), root / f"grid{tag}.png")
     row = {"name": name, "overrides": list(overrides), "evaluation": evaluation or {}, "ema": export_ema,
            "train_s": train_s, "train_cpu_s": train_cpu, "sample_s": sample_s, "load_average": os.getloadavg()[0],
            "final_diffusion_loss": result.get("final_diffusion_loss"), **rows["samples"], "real": rows["real"],

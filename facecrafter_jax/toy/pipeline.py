@@ -287,10 +287,10 @@ class ToyPipeline:
             os.replace(tmp, d / f"{name}.npz")
             self._data[name] = data
             stats[name] = _split_stats(data)
-        from .render import contact_sheet, save_png
+        from facecrafter_jax.image_grid import image_grid, save_png
 
         for name in ("base", "adapter"):
-            save_png(contact_sheet(self.data(name)["images"][:32], 8), d / f"{name}_samples.png")
+            save_png(image_grid(self.data(name)["images"][:32], 8), d / f"{name}_samples.png")
         return {"images": sizes, "world": self.world.config.to_dict(), "base_split": self.cfg.base_split,
                 "celebrity": self.celebrity.to_dict(), "split_statistics": stats}
 

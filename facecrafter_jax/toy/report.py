@@ -175,7 +175,7 @@ def _upscale(images: np.ndarray, k: int = 2) -> np.ndarray:
 def evaluate_pipeline(p) -> dict[str, Any]:
     """The ``evaluate`` stage of :class:`~facecrafter_jax.toy.pipeline.ToyPipeline`; returns the report dict."""
     from .stages import EXPORTS
-    from .render import contact_sheet, save_png
+    from facecrafter_jax.image_grid import image_grid, save_png
     from .world import emotion_vectors
 
     ev = p.cfg.evaluation
@@ -204,12 +204,12 @@ def evaluate_pipeline(p) -> dict[str, Any]:
     pick = np.arange(0, len(cond["identity"]), max(1, len(cond["identity"]) // 8))[:8]
     cols = [cond["ref_images"][pick // per], cond["images"][pick]] + [images[s[0]][pick] for s in SETS]
     grid = np.stack(cols, 1).reshape((-1,) + cond["images"].shape[1:])
-    save_png(contact_sheet(_upscale(grid), len(cols)), img_dir / "comparison.png")
+    save_png(image_grid(_upscale(grid), len(cols)), img_dir / "comparison.png")
     # ID-only grid: per identity its reference, then its samples from the base model
     idk = np.arange(min(8, len(cond["identities"])))
     cols = [cond["ref_images"][idk]] + [images[SETS[0][0]][idk * per + j] for j in range(min(per, 8))]
     grid = np.stack(cols, 1).reshape((-1,) + cond["images"].shape[1:])
-    save_png(contact_sheet(_upscale(grid), len(cols)), img_dir / "id_only.png")
+    save_png(image_grid(_upscale(grid), len(cols)), img_dir / "id_only.png")
 
     # emotion sweep of the joint model (ID+EMO): 4 identities x 8 emotions at full intensity
     t0 = time.perf_counter()
@@ -228,7 +228,7 @@ def evaluate_pipeline(p) -> dict[str, Any]:
     sweep_imgs = np.concatenate(sweep_imgs)
     sweep_pred = analysers.analyse(sweep_imgs)["emotion_probs"].argmax(-1)
     sweep_acc = float((sweep_pred == np.tile(np.arange(8), len(ids4))).mean())
-    save_png(contact_sheet(_upscale(sweep_imgs), 8), img_dir / "emotion_sweep.png")
+    save_png(image_grid(_upscale(sweep_imgs), 8), img_dir / "emotion_sweep.png")
 
     # pose sweep of the joint model (ID+LMK): landmarks of renders at yaw -40..40, neutral, same noise per row
     yaws = np.linspace(-40, 40, 7)
@@ -248,7 +248,7 @@ def evaluate_pipeline(p) -> dict[str, Any]:
     rows_img = []
     for i in range(len(ids4)):
         rows_img += [pose_real[i], pose_imgs[i * 7:(i + 1) * 7]]
-    save_png(contact_sheet(_upscale(np.concatenate(rows_img)), 7), img_dir / "pose_sweep.png")
+    save_png(image_grid(_upscale(np.concatenate(rows_img)), 7), img_dir / "pose_sweep.png")
     timings["sweeps"] = time.perf_counter() - t0
 
     # control probe: denoising loss with each control vs its null tokens, on held-out renders
