@@ -8,7 +8,8 @@ Stages (``configs/toy/pipeline.yaml``; every path under ``out``, default ``runs/
     analysers  toy ArcFace / MediaPipe / EmoNet (one CNN, three heads) on the adapter split -> analysers/
     vae        toy VAE from scratch (64 px -> 16 x 16 x 4) on both splits  -> vae/  (converted-folder format)
     records    VAE moments + features + the toy ArcFace of each image (the identity analyser's embedding,
-               which leaks pose and expression: facecrafter_jax/toy/identity.py) -> data/records/{base,adapter}
+               which leaks pose and expression: facecrafter_jax/toy/identity.py) -> data/records/{base,adapter},
+               each with identities.tsv (so data.other_photo_identity works on the toy records)
     base       toy Arc2Face (UNet + identity encoder, stage "base" of train.py) on the celebrity split -> base_model/
     landmark   stage a: landmark module on the frozen base, adapter split       -> stage_a/ -> stage_a_model/
     emotion    stage b: emotion module                                          -> stage_b/ -> stage_b_model/
@@ -366,6 +367,7 @@ class ToyPipeline:
             feats["arcface"] = self.arcface(data["images"])
             counts[split] = write_records(tmp / split, [str(s) for s in data["image_id"]], feats, moments,
                                           resolution=self.world.config.resolution, shard_size=1000,
+                                          identities=data["identity"],
                                           metadata={"source": "toy world", "split": self.split_of(split),
                                                     "world": self.world.config.to_dict()})
         shutil.rmtree(d, ignore_errors=True)
