@@ -83,7 +83,7 @@ def run_ablation(pipeline, variants: Sequence[str] = tuple(VARIANTS), *, docs: s
     rows = []
     main_report = json.loads((Path(p.out) / "report.json").read_text())
     for r in main_report["rows"]:
-        if not r["set"].startswith("joint") and r.get("table") != "id_only":
+        if not r["set"].startswith("joint"):  # real renders, base ID-only, stages a / b
             rows.append({"variant": "-", **r})
     for v in variants:
         pipe = load_pipeline(models[v], ev.scheduler)

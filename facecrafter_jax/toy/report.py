@@ -9,8 +9,8 @@ The experiment (``evaluation`` section of ``configs/toy/pipeline.yaml``; :func:`
     real rows    renders of the targets (the adapter split's distribution: what the controlled sets are asked
                  for, and the diversity a generator could have) and fresh base-split renders of the same
                  identities (what the base model was trained on: the reference of its FD)
-    sets         :data:`SETS`: base ID-only | stage a ID+LMK | stage b ID+EMO | joint ID+LMK | joint ID+EMO |
-                 joint ID+LMK+EMO | joint ID+LMK0+EMO
+    sets         :data:`SETS`: base ID-only | joint ID-only (null tokens) | stage a ID+LMK | stage b ID+EMO |
+                 joint ID+LMK | joint ID+EMO | joint ID+LMK+EMO | joint ID+LMK0+EMO
     noise        condition i starts from initial_noise(seed, i) in every set
 
 Two tables: **ID-only sampling** (group ``id_only``: identity, FD against fresh base-split and full-range
@@ -37,6 +37,7 @@ __all__ = ["SETS", "JOINT_SETS", "Conditions", "make_conditions", "sample_set", 
 
 SETS: tuple[tuple[str, str, tuple[str, ...], dict, str], ...] = (
     ("base: ID", "base", (), {}, "id_only"),
+    ("joint: ID-only (null tokens)", "joint", (), {"absent_controls": "null_tokens"}, "id_only"),
     ("stage a: ID+LMK", "landmark", ("landmark",), {}, "controls"),
     ("stage b: ID+EMO", "emotion", ("emotion",), {}, "controls"),
     ("joint: ID+LMK", "joint", ("landmark",), {}, "controls"),
@@ -46,8 +47,9 @@ SETS: tuple[tuple[str, str, tuple[str, ...], dict, str], ...] = (
 )
 """(row label, model (pipeline stage whose export is sampled), controls given, extra pipeline keywords,
 table). ``neutral_landmark``: the landmarks of the target pose with a neutral expression, so pose must come
-from the landmark module and the emotion from the emotion module. A row of the ID-only table is one more
-line, e.g. ``("joint: ID-only (null tokens)", "joint", (), {"null_controls": "tokens"}, "id_only")``."""
+from the landmark module and the emotion from the emotion module. ``joint: ID-only (null tokens)`` is FaceCrafter's
+default ID-only sampling (every control on its null tokens, docs/method.md), next to the base model's (Arc2Face's)
+ID-only row: the comparison of the paper's ID-only diversity claim."""
 JOINT_SETS = tuple((label, stage, controls) for label, stage, controls, _, _ in SETS if stage == "joint")
 
 REAL_TARGETS = "real renders: targets (adapter split)"
