@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .resnet import conv2d, group_norm
+from .ops import conv2d, linear
+from .resnet import group_norm
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
