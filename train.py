@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
-    from facecrafter_jax.runtime import configure_cpu
+    from facecrafter_jax.runtime import configure_cpu, enable_compilation_cache
 
     configure_cpu()  # XLA:CPU flag defaults (docs/performance.md); no effect on GPU / TPU, user XLA_FLAGS win
+    enable_compilation_cache()  # a restarted / resumed run loads its compiled step from disk
     from facecrafter_jax.train.loop import run
 
     result = run(cfg)
