@@ -38,13 +38,15 @@ def _torch_conv_grads(x, w, g, stride=1):
     ((2, 3, 5, 64), (3, 3, 64, 48), 1, True),      # non-square, batch 2
     ((1, 16, 16, 8), (3, 3, 8, 12), 1, False),     # JAX's own rule
     ((2, 4, 4, 96), (1, 1, 96, 40), 1, None),      # 1x1: a linear layer over channels
-    ((1, 8, 8, 16), (3, 3, 16, 16), 2, None),      # stride 2: plain lax.conv_general_dilated
+    ((1, 8, 8, 96), (3, 3, 96, 40), 2, True),      # stride 2 (the downsamplers), GEMM + strided placement
+    ((2, 7, 9, 96), (3, 3, 96, 40), 2, True),      # stride 2, odd sizes
+    ((1, 8, 8, 16), (3, 3, 16, 16), 2, False),     # stride 2, JAX's own rule
 ])
 def test_conv_value_and_gradients_match_torch(shape, kernel, stride, taps):
-    if taps is not None:
-        assert ops._taps_favoured(shape, kernel) is taps
     x, w = _rand(0, *shape), _rand(1, *kernel) * 0.1
     y = np.asarray(jax.jit(lambda x, w: _conv(x, w, stride))(x, w))
+    if taps is not None:
+        assert ops._taps_favoured(y.shape, kernel) is taps
     g = _rand(2, *y.shape)
     dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(_conv(x, w, stride) * g), (0, 1)))(x, w)
     ref_y, ref_dx, ref_dw = _torch_conv_grads(x, w, g, stride)
@@ -95,6 +97,19 @@ def test_wide_linear_input_gradient_streams_the_weight():
     text = _hlo(jax.grad(lambda x: jnp.sum(jnp.sin(ops.dot_general(x, w, dn)))), x)
     # dx^T = W [512, 2048] @ g^T [2048, 4]: the weight is the left operand, contracted on its minor axis
     assert re.search(r"f32\[512,4\]\{1,0\} (dot|fusion)\(", text), text
+
+
+def test_upsample_matches_torch_nearest_and_its_gradient_is_no_reduction():
+    x = _rand(14, 2, 3, 5, 4)
+    g = _rand(15, 2, 6, 10, 4)
+    y, vjp = jax.vjp(ops.upsample_nearest_2x, jnp.asarray(x))
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    ty = torch.nn.functional.interpolate(tx, scale_factor=2.0, mode="nearest")
+    (tdx,) = torch.autograd.grad(ty, tx, torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), tdx.numpy().transpose(0, 2, 3, 1), atol=1e-6)
+    text = _hlo(jax.grad(lambda x: jnp.sum(jnp.sin(ops.upsample_nearest_2x(x)))), jnp.asarray(x))
+    assert " reduce(" not in text
 
 
 def test_unsupported_arguments_fall_back_to_lax():

@@ -11,7 +11,7 @@ gradient is a ``jax.custom_vjp`` that, **on CPU only** (chosen at lowering time 
   ``dot(g, W)`` contracting ``W``'s minor axis, which XLA:CPU's Eigen GEMM runs ~10x slower than the
   forward product (it repacks the whole weight); the swapped product streams ``W`` in its own layout and
   transposes only the small activations.
-* the input gradient of a 3x3 stride-1 convolution with a kernel much larger than its activations
+* the input gradient of a 3x3 convolution (stride 1 or 2) with a kernel much larger than its activations
   (the 1280-channel levels) as one GEMM ``W[(kh, kw, I), O] @ g^T[O, P]`` followed by nine shifted adds,
   instead of a convolution with the spatially flipped, in/out-swapped kernel: XLA materialises that
   kernel with a strided transpose on every step (for the SD1.5 train step at 32x32 latents 44% of the
@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-__all__ = ["dot_general", "conv_general_dilated", "linear", "conv2d", "SWAP_RATIO", "CONV_TAPS_RATIO"]
+__all__ = ["dot_general", "conv_general_dilated", "upsample_nearest_2x", "linear", "conv2d", "SWAP_RATIO",
+           "CONV_TAPS_RATIO"]
 
 SWAP_RATIO = 2
 """Linear input gradient as ``(W @ g^T)^T`` on CPU when ``in_features >= SWAP_RATIO * tokens``."""
@@ -115,59 +116,66 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 # --------------------------------------------------------------------------------------------
 
 
-def _conv(x, w, pad):
-    return lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=_NHWC)
+def _conv(x, w, pad, stride=1):
+    return lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_NHWC)
 
 
-def _taps_favoured(x_shape, w_shape) -> bool:
+def _taps_favoured(out_shape, w_shape) -> bool:
     kh, kw, i, o = w_shape
-    positions = math.prod(x_shape[:-1])
+    positions = math.prod(out_shape[:-1])
     return kh * kw * i * o >= CONV_TAPS_RATIO * positions * (i + o)
 
 
-def _conv3_dx_cpu(g, w):
-    """Input gradient of a 3x3 / pad 1 / stride 1 conv: ``Y = W[(a, b, I), O] @ g^T[O, P]``, then
-    ``dx[p] = sum_{a,b} Y[a, b][p - (a - 1, b - 1)]`` (zero outside)."""
-    b, h, wd, o = g.shape
-    i = w.shape[2]
-    gt = _barrier(jnp.transpose(g, (3, 0, 1, 2)).reshape(o, b * h * wd))
-    y = _mm(w.reshape(9 * i, o), gt).reshape(3, 3, i, b, h, wd)
-    y = jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, 0), (1, 1), (1, 1)))
-    acc = sum(y[a, c, :, :, 2 - a:2 - a + h, 2 - c:2 - c + wd] for a in range(3) for c in range(3))
-    return jnp.transpose(acc, (1, 2, 3, 0))
+def _conv3_dx_cpu(g, w, x_shape, stride):
+    """Input gradient of a 3x3 / pad 1 conv with stride ``s``: ``Y = W[(a, b, I), O] @ g^T[O, P]`` (one GEMM
+    streaming the kernel in its layout), then ``dx_pad[s i + a, s j + b] += Y[a, b][i, j]`` (nine
+    strided placements, one fused loop) and ``dx = dx_pad[1:-1, 1:-1]``."""
+    b, ho, wo, o = g.shape
+    _, h, wd, i = x_shape
+    gt = _barrier(jnp.transpose(g, (3, 0, 1, 2)).reshape(o, b * ho * wo))
+    y = _mm(w.reshape(9 * i, o), gt).reshape(3, 3, i, b, ho, wo)
+    zero = jnp.zeros((), y.dtype)
+    acc = 0
+    for a in range(3):
+        for c in range(3):
+            rows = (a, h + 2 - a - stride * (ho - 1) - 1, stride - 1)
+            cols = (c, wd + 2 - c - stride * (wo - 1) - 1, stride - 1)
+            acc = acc + lax.pad(y[a, c], zero, ((0, 0, 0), (0, 0, 0), rows, cols))
+    return jnp.transpose(acc[:, :, 1:h + 1, 1:wd + 1], (1, 2, 3, 0))
 
 
-def _conv3_dw_cpu(x, g):
-    """Weight gradient of a 3x3 / pad 1 / stride 1 conv: the nine shifted copies of ``x^T`` stacked to
-    ``[(a, b, I), P]`` times ``g [P, O]`` gives ``[3, 3, I, O]`` directly in the kernel's layout."""
-    b, h, wd, i = x.shape
-    o = g.shape[-1]
+def _conv3_dw_cpu(x, g, stride):
+    """Weight gradient of a 3x3 / pad 1 conv with stride ``s``: the nine (strided) shifted copies of ``x^T``
+    stacked to ``[(a, b, I), P]`` times ``g [P, O]`` gives ``[3, 3, I, O]`` directly in the kernel's layout."""
+    b, ho, wo, o = g.shape
+    i = x.shape[-1]
     xt = jnp.transpose(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 0, 1, 2))
-    taps = jnp.stack([xt[:, :, a:a + h, c:c + wd].reshape(i, b * h * wd) for a in range(3) for c in range(3)])
-    return _mm(_barrier(taps.reshape(9 * i, b * h * wd)), g.reshape(-1, o)).reshape(3, 3, i, o)
+    taps = [xt[:, :, a:a + stride * (ho - 1) + 1:stride, c:c + stride * (wo - 1) + 1:stride].reshape(i, b * ho * wo)
+            for a in range(3) for c in range(3)]
+    return _mm(_barrier(jnp.stack(taps).reshape(9 * i, b * ho * wo)), g.reshape(-1, o)).reshape(3, 3, i, o)
 
 
-def _make_conv(pad: int):
+def _make_conv(pad: int, stride: int):
     @jax.custom_vjp
     def conv(x, w):
-        return _conv(x, w, pad)
+        return _conv(x, w, pad, stride)
 
     def fwd(x, w):
-        return _conv(x, w, pad), (x, w)
+        return _conv(x, w, pad, stride), (x, w)
 
     def default_grads(x, w, g):
-        return jax.vjp(lambda x_, w_: _conv(x_, w_, pad), x, w)[1](g)
+        return jax.vjp(lambda x_, w_: _conv(x_, w_, pad, stride), x, w)[1](g)
 
     def bwd(res, g):
         x, w = res
         kh, kw, i, o = w.shape
-        if (kh, kw) == (1, 1):  # a linear layer over channels
-            b, h, wd, _ = x.shape
+        if (kh, kw, stride) == (1, 1, 1):  # a linear layer over channels
             dx, dw = _linear_bwd((x.reshape(-1, i), w.reshape(i, o)), g.reshape(-1, o))
             return dx.reshape(x.shape), dw.reshape(w.shape)
-        if (kh, kw) == (3, 3) and pad == 1 and _taps_favoured(x.shape, w.shape):
+        if (kh, kw, pad) == (3, 3, 1) and _taps_favoured(g.shape, w.shape):
             def cpu(x, w, g):
-                return _conv3_dx_cpu(g, w).astype(x.dtype), _conv3_dw_cpu(x, g).astype(w.dtype)
+                return (_conv3_dx_cpu(g, w, x.shape, stride).astype(x.dtype),
+                        _conv3_dw_cpu(x, g, stride).astype(w.dtype))
 
             return lax.platform_dependent(x, w, g, cpu=cpu, default=default_grads)
         return default_grads(x, w, g)
@@ -176,15 +184,15 @@ def _make_conv(pad: int):
     return conv
 
 
-_CONVS = {pad: _make_conv(pad) for pad in (0, 1)}
+_CONVS = {(pad, stride): _make_conv(pad, stride) for pad, stride in ((0, 1), (1, 1), (1, 2))}
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None, **kwargs):
-    """``jax.lax.conv_general_dilated`` with the CPU-friendly gradient for NHWC / HWIO, stride 1,
-    ``(k - 1) / 2`` padding, 1x1 or 3x3 kernels (same dtype, no dilation, one group); anything else goes
-    to ``jax.lax.conv_general_dilated`` unchanged."""
+    """``jax.lax.conv_general_dilated`` with the CPU-friendly gradient for NHWC / HWIO 1x1 (stride 1) and
+    3x3 (padding 1, stride 1 or 2) kernels (same dtype, no dilation, one group); anything else goes to
+    ``jax.lax.conv_general_dilated`` unchanged."""
     def ones(v):
         return v is None or all(int(s) == 1 for s in v)
 
@@ -193,7 +201,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             else dn == ("NHWC", "HWIO", "NHWC"))
     k = tuple(rhs.shape[:2]) if rhs.ndim == 4 else None
     pad = {(1, 1): 0, (3, 3): 1}.get(k)
-    simple = (nhwc and lhs.ndim == 4 and pad is not None and ones(window_strides) and ones(lhs_dilation)
+    stride = int(window_strides[0]) if len(window_strides) == 2 and window_strides[0] == window_strides[1] else 0
+    simple = (nhwc and lhs.ndim == 4 and (pad, stride) in _CONVS and ones(lhs_dilation)
               and ones(rhs_dilation) and feature_group_count == 1 and batch_group_count == 1 and precision is None
               and lhs.dtype == rhs.dtype and preferred_element_type in (None, lhs.dtype)
               and kwargs.get("out_sharding") is None and not isinstance(padding, str)
@@ -203,7 +212,36 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
                                         precision=precision, preferred_element_type=preferred_element_type, **kwargs)
-    return _CONVS[pad](lhs, rhs)
+    return _CONVS[pad, stride](lhs, rhs)
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest-neighbour 2x upsampling (Upsample2D)
+# --------------------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def upsample_nearest_2x(x):
+    """``[B, H, W, C] -> [B, 2H, 2W, C]``, every pixel repeated 2x2 (one broadcast copy).
+
+    The gradient sums each 2x2 block as four strided slices (an elementwise fusion). JAX's rule for the
+    same broadcast is a reduction, which XLA:CPU hands to YNNPACK together with the convolution that
+    produced the cotangent (the upsampler's own conv), and YNNPACK's convolutions are several times slower
+    than XLA's (docs/performance.md).
+    """
+    b, h, w, c = x.shape
+    return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+
+
+def _upsample_fwd(x):
+    return upsample_nearest_2x(x), None
+
+
+def _upsample_bwd(_, g):
+    return (g[:, 0::2, 0::2] + g[:, 0::2, 1::2] + g[:, 1::2, 0::2] + g[:, 1::2, 1::2],)
+
+
+upsample_nearest_2x.defvjp(_upsample_fwd, _upsample_bwd)
 
 
 # --------------------------------------------------------------------------------------------

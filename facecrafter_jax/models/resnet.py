@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .ops import conv2d, linear
+from .ops import conv2d, linear, upsample_nearest_2x
 
 __all__ = ["group_norm", "conv2d", "linear", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
 
@@ -76,5 +76,4 @@ class Upsample2D(nnx.Module):
         self.conv = conv2d(channels, out_channels or channels, 3, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        return self.conv(upsample_nearest_2x(x))
