@@ -16,10 +16,10 @@ memory of one call for each framework (process RSS high-water delta, see ``bench
 XLA's planned temporary buffer size. Combinations whose planned size does not fit in the currently
 available memory are skipped and listed.
 
-How ours is called (``--call``): ``nnx`` (default) the way a user calls a loaded model,
-``nnx.jit(lambda m, x, t, c: m(x, t, c))(unet, x, t, c)`` (every call walks the module graph); ``split``
-``jax.jit`` of a function of the split state (``nnx.split`` once; what the samplers and the trainer do).
-``fwdbwd`` always uses ``split``.
+How ours is called (``--call``, default both, timed interleaved with PyTorch in the same run): ``nnx``
+the way a user calls a loaded model, ``nnx.jit(lambda m, x, t, c: m(x, t, c))(unet, x, t, c)`` (flax walks
+the module graph on every call); ``split`` ``jax.jit`` of a function of the split state (``nnx.split``
+once; what the samplers and the trainer do). ``fwdbwd`` always uses ``split``.
 
 Clocks (``--clock``): ``wall`` elapsed time with every CPU (PyTorch ``--threads``, XLA one intra-op
 thread per CPU); ``cpu`` process CPU time pinned to one CPU (``--pin``: both frameworks single-threaded,
@@ -95,8 +95,9 @@ def parse_args(argv=None):
                    help="wall: all CPUs, elapsed time; cpu: pinned to one CPU (--pin), process CPU time; both "
                         "(default): wall here, then cpu in a pinned subprocess, one table")
     p.add_argument("--pin", action="store_true", help="run on one CPU (needed by --clock cpu)")
-    p.add_argument("--call", choices=("nnx", "split"), default="nnx",
-                   help="fwd: nnx.jit on the module (default, as a user calls it) or jax.jit on the split state")
+    p.add_argument("--call", default="nnx,split",
+                   help="fwd, comma list: nnx (nnx.jit on the module, as a user calls it), split (jax.jit on the "
+                        "split state); default both")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-runtime-defaults", action="store_true",
@@ -109,6 +110,7 @@ def parse_args(argv=None):
         p.error("--clock cpu needs --pin (one CPU; CPU time of several threads counts their spin-waiting)")
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.configs = _names(args.configs, CONFIGS)
+    args.call = _names(args.call, {"nnx", "split"})
     args.mode = _names(args.mode, {"fwd", "fwdbwd"})
     args.latents = _ints(args.latents)
     args.batch = _ints(args.batch)
@@ -183,7 +185,7 @@ def _flax_fns(model, mode: str):
 
 
 def run_case(torch_model, flax_model, rules, *, mode: str, size: int, batch: int, repeats: int, seed: int,
-             check: bool, clock: str = "wall", call: str = "nnx") -> dict:
+             check: bool, clock: str = "wall", call=("nnx", "split")) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import torch
@@ -198,26 +200,23 @@ def run_case(torch_model, flax_model, rules, *, mode: str, size: int, batch: int
     t0 = time.perf_counter()
     compiled = fn.lower(params, jx, jt, jctx).compile()
     compile_s = time.perf_counter() - t0
-    if mode == "fwd" and call == "nnx":  # what a user writes; walks the module graph on every call
-        user_fn = nnx.jit(lambda m, x, t, c: m(x, t, c))
-        run_ours = lambda: user_fn(flax_model, jx, jt, jctx)  # noqa: E731
-    else:
-        run_ours = lambda: compiled(params, jx, jt, jctx)  # noqa: E731
+    calls = list(call) if mode == "fwd" else ["split"]
+    user_fn = nnx.jit(lambda m, x, t, c: m(x, t, c))  # what a user writes; walks the module graph on every call
+    runners = {"nnx": lambda: user_fn(flax_model, jx, jt, jctx), "split": lambda: compiled(params, jx, jt, jctx)}
     ma = compiled.memory_analysis()
     xla_temp = getattr(ma, "temp_size_in_bytes", 0) if ma is not None else 0
     xla_out = getattr(ma, "output_size_in_bytes", 0) if ma is not None else 0
     # Both frameworks need roughly the planned temporaries + outputs; require room for that plus a margin.
     need = 1.3 * (xla_temp + xla_out)
     avail = available_bytes()
-    row = dict(mode=mode, size=size, batch=batch, compile_s=compile_s, xla_temp_mb=mb(xla_temp), clock=clock,
-               call=call if mode == "fwd" else "split")
+    row = dict(mode=mode, size=size, batch=batch, compile_s=compile_s, xla_temp_mb=mb(xla_temp), clock=clock)
     if need > avail:
         row["skipped"] = f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
-        return row
+        return [row]
 
     params_t = [p for p in torch_model.parameters()]
-    def ours():
-        return jax.block_until_ready(run_ours())
+    ours_fns = {c: (lambda r=runners[c]: jax.block_until_ready(r())) for c in calls}
+    ours = ours_fns[calls[0]]
 
     if mode == "fwd":
         def theirs():
@@ -264,13 +263,19 @@ def run_case(torch_model, flax_model, rules, *, mode: str, size: int, batch: int
     row["torch_peak_mb"] = mb(m.delta)
     gc.collect()
 
-    times = interleaved_timings({"ours": ours, "torch": theirs}, repeats, clock=clock)
-    row["ours_s"], row["torch_s"] = median(times["ours"]), median(times["torch"])
-    row["ratio"] = row["ours_s"] / row["torch_s"]
-    row["ours_all"], row["torch_all"] = times["ours"], times["torch"]
+    for c in calls[1:]:  # warm-up (compiles the nnx.jit variant)
+        ours_fns[c]()
+    times = interleaved_timings({**{f"ours_{c}": f for c, f in ours_fns.items()}, "torch": theirs}, repeats,
+                                clock=clock)
+    rows = []
+    for c in calls:
+        r = dict(row, call=c, ours_s=median(times[f"ours_{c}"]), torch_s=median(times["torch"]),
+                 ours_all=times[f"ours_{c}"], torch_all=times["torch"])
+        r["ratio"] = r["ours_s"] / r["torch_s"]
+        rows.append(r)
     for p in params_t:
         p.requires_grad_(False)
-    return row
+    return rows
 
 
 def measure(args) -> list[dict]:
@@ -291,22 +296,25 @@ def measure(args) -> list[dict]:
         for mode in args.mode:
             for size in args.latents:
                 for batch in args.batch:
-                    row = run_case(torch_model, flax_model, rules, mode=mode, size=size, batch=batch,
-                                   repeats=args.repeats, seed=args.seed, check=not args.no_check, clock=args.clock,
-                                   call=args.call)
-                    row["config"] = name
-                    row["load"] = load_average()
-                    if "skipped" in row:
-                        skipped.append(row)
-                        print(f"# skip {name} {mode} {size}x{size} b{batch}: {row['skipped']}", flush=True)
+                    case = run_case(torch_model, flax_model, rules, mode=mode, size=size, batch=batch,
+                                    repeats=args.repeats, seed=args.seed, check=not args.no_check, clock=args.clock,
+                                    call=args.call)
+                    for row in case:
+                        row["config"] = name
+                        row["load"] = load_average()
+                    if "skipped" in case[0]:
+                        skipped.append(case[0])
+                        print(f"# skip {name} {mode} {size}x{size} b{batch}: {case[0]['skipped']}", flush=True)
                         continue
-                    rows.append(row)
-                    print(f"# {name} {mode} {size}x{size} b{batch} ({args.clock}, {row['call']}): ours {row['ours_s']:.3f} s "
-                          f"{[round(v, 3) for v in row['ours_all']]}, torch {row['torch_s']:.3f} s "
-                          f"{[round(v, 3) for v in row['torch_all']]}, ratio {row['ratio']:.2f}, "
-                          f"compile {row['compile_s']:.1f} s, err {row.get('max_err', float('nan')):.2e}"
-                          + (f", loss err {row['loss_err']:.1e}" if "loss_err" in row else "")
-                          + f", load {row['load']}", flush=True)
+                    rows.extend(case)
+                    for row in case:
+                        print(f"# {name} {mode} {size}x{size} b{batch} ({args.clock}, {row['call']}): ours "
+                              f"{row['ours_s']:.3f} s {[round(v, 3) for v in row['ours_all']]}, torch "
+                              f"{row['torch_s']:.3f} s {[round(v, 3) for v in row['torch_all']]}, ratio "
+                              f"{row['ratio']:.2f}, compile {row['compile_s']:.1f} s, err "
+                              f"{row.get('max_err', float('nan')):.2e}"
+                              + (f", loss err {row['loss_err']:.1e}" if "loss_err" in row else "")
+                              + f", load {row['load']}", flush=True)
                     gc.collect()
         del torch_model, flax_model, rules
         gc.collect()
@@ -317,7 +325,7 @@ def measure(args) -> list[dict]:
 
 def table(wall: list[dict], cpu: list[dict]) -> str:
     def key(r):
-        return r["config"], r["mode"], r["size"], r["batch"]
+        return r["config"], r["mode"], r["size"], r["batch"], r.get("call", "-")
 
     by_wall, by_cpu = {key(r): r for r in wall}, {key(r): r for r in cpu}
 
@@ -329,7 +337,7 @@ def table(wall: list[dict], cpu: list[dict]) -> str:
         w, c = by_wall.get(k, {}), by_cpu.get(k, {})
         m = w or c
         err = f"{m['max_err']:.1e} ({m['ref_scale']:.1e})" if "max_err" in m else "-"
-        out.append([k[0], k[1], m.get("call", "-"), f"{k[2]}x{k[2]}", k[3], f(w, "ours_s"), f(w, "torch_s"),
+        out.append([k[0], k[1], k[4], f"{k[2]}x{k[2]}", k[3], f(w, "ours_s"), f(w, "torch_s"),
                     f(w, "ratio", "**{:.2f}**"), f(c, "ours_s"), f(c, "torch_s"), f(c, "ratio", "**{:.2f}**"),
                     f(m, "compile_s", "{:.1f}"), err, f(m, "ours_peak_mb", "{:.0f}"), f(m, "torch_peak_mb", "{:.0f}"),
                     f(m, "xla_temp_mb", "{:.0f}")])
