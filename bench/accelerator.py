@@ -172,7 +172,7 @@ def make_trainer(a, tmp: Path, batch: int, remat: bool):
         "name": "accelerator", "stage": "joint", "run_dir": str(tmp / f"run_{batch}_{remat}"), "steps": 1000,
         "model": {"pretrained": None, "unet": unet, "text_encoder": clip, "controls": ["landmark", "emotion"],
                   "dtype": a.dtype, "remat": remat, "attention_implementation": a.attention},
-        "data": {"dir": str(tmp / "data"), "global_batch_size": batch, "device_prefetch": 2,
+        "data": {"dir": "", "global_batch_size": batch, "device_prefetch": 2,  # synthetic set in <run_dir>/data
                  "synthetic": {"num_records": max(16, a.max_batch), "resolution": 8 * a.latent, "shard_size": 256,
                                "latent_dtype": "float16"}},
         "loss": {"ad_weight": 0.1, "ad_reading": "orthogonality", "ad_layers": "all"},

@@ -294,8 +294,8 @@ def build_ours(tmp: Path, pre: Path, kind: str, batch: int, latent: int, remat: 
         loss = {"ad_weight": AD_WEIGHT, "ad_reading": "orthogonality", "ad_layers": "all"}
     cfg = from_dict(TrainConfig, {
         "name": "bench", "stage": "joint" if kind == "adapter" else "base",
-        "run_dir": str(tmp / f"run_{kind}_{batch}"), "steps": 1000, "model": model,
-        "data": {"dir": str(tmp / f"data{latent}"), "global_batch_size": batch, "device_prefetch": 1,
+        "run_dir": str(tmp / f"run_{kind}_{batch}_{latent}"), "steps": 1000, "model": model,
+        "data": {"dir": "", "global_batch_size": batch, "device_prefetch": 1,  # synthetic set in <run_dir>/data
                  "synthetic": {"num_records": max(16, 4 * batch), "resolution": 8 * latent, "shard_size": 64,
                                "latent_dtype": "float16"}},
         "loss": loss, "optim": {"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"},
@@ -411,7 +411,7 @@ def scaling(repeats_steps: int = 6) -> list[dict]:
             run_dir = tmp / f"n{devices}_{data}x{fsdp}"
             t0 = time.perf_counter()
             run_train(REPO / "configs" / "tiny_cpu.yaml",
-                      [f"run_dir={run_dir}", f"data.dir={tmp / 'data'}", f"steps={repeats_steps}", "checkpoint.every=0",
+                      [f"run_dir={run_dir}", f"steps={repeats_steps}", "checkpoint.every=0",
                        f"mesh.data={data}", f"mesh.fsdp={fsdp}", "logging.tensorboard=false"],
                       devices=devices, fast_compile=False)
             m = read_metrics(run_dir)
@@ -465,7 +465,7 @@ def stage_c_sd15(remat: bool, latent: int = 64, batch: int = 1, steps: int = 2) 
             "name": "sd15_stage_c", "stage": "joint", "run_dir": str(Path(d) / "run"), "steps": 100,
             "model": {"pretrained": None, "unet": unet, "text_encoder": _clip_config(spec),
                       "controls": ["landmark", "emotion"], "remat": remat},
-            "data": {"dir": str(Path(d) / "data"), "global_batch_size": batch, "device_prefetch": 1,
+            "data": {"dir": "", "global_batch_size": batch, "device_prefetch": 1,  # synthetic set in <run_dir>/data
                      "synthetic": {"num_records": 4 * batch, "resolution": 8 * latent, "shard_size": 64,
                                    "latent_dtype": "float16"}},
             "loss": {"ad_weight": 0.1, "ad_reading": "orthogonality", "ad_layers": "all"},

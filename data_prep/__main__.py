@@ -1,4 +1,8 @@
-"""Command line: ``python -m data_prep {run,inspect} ...`` (``--help`` on each)."""
+"""Command line: ``python -m data_prep {run,inspect,verify} ...`` (``--help`` on each).
+
+Expected failures (a missing input or model file, a damaged output folder, an unreadable model file) print one
+line ``error: ...`` and exit with status 2 (``--debug`` shows the traceback).
+"""
 
 from __future__ import annotations
 
@@ -50,16 +54,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--all-files", action="store_true", help="consider every file, not only image extensions")
     r.add_argument("--retry-skipped", action="store_true", help="process again the images the manifest marks skipped")
     r.add_argument("--limit", type=_positive, default=None, help="process at most this many new images")
+    r.add_argument("--identity-csv", metavar="CSV", help="identity of each image (header: image,identity; image paths "
+                   "relative to --images), stored as identities.tsv; default: the image's parent folder is its identity")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = sub.add_parser("inspect", help="print a JSON summary of a prepared folder")
     i.add_argument("directory", help="dataset folder written by 'run'")
+
+    v = sub.add_parser("verify", help="check every shard against dataset.json (count, size; --hashes: SHA-256)",
+                       description="Check that every shard listed in dataset.json is present, of its recorded size "
+                                   "and record count (and, with --hashes, of its recorded SHA-256). Prints a JSON "
+                                   "report; exits with status 2 naming the damaged shards if there are any.")
+    v.add_argument("directory", help="dataset folder")
+    v.add_argument("--hashes", action="store_true", help="also recompute every shard's SHA-256 (reads every byte)")
     return p
 
 
 def main(argv=None) -> int:
+    from facecrafter_jax.errors import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "verify":
+        from facecrafter_jax.data.integrity import verify_dataset
+
+        report = verify_dataset(args.directory, hashes=args.hashes)
+        gbs = report.bytes_hashed / 1e9 / report.seconds if report.hashed and report.seconds > 0 else None
+        print(json.dumps({"path": str(report.data_dir), "ok": report.ok, "records": report.num_records,
+                          "shards": len(report.shards), "hashed": report.hashed, "legacy": report.legacy,
+                          "problems": [str(p) for p in report.problems], "seconds": round(report.seconds, 3),
+                          "hash_gb_per_s": round(gbs, 3) if gbs else None}, indent=1))
+        report.raise_if_problems()
+        return 0
     if args.command == "inspect":
         from data_prep.inspect_cmd import inspect_dataset
 
@@ -71,7 +101,8 @@ def main(argv=None) -> int:
                   resolution=args.resolution, workers=args.workers, batch_size=args.batch_size,
                   shard_size=args.shard_size, latent_dtype=args.latent_dtype, min_side=args.min_side,
                   num_faces=args.num_faces, emonet_crop_scale=args.emonet_crop_scale, all_files=args.all_files,
-                  retry_skipped=args.retry_skipped, limit=args.limit, progress=not args.no_progress)
+                  retry_skipped=args.retry_skipped, limit=args.limit, progress=not args.no_progress,
+                  identity_csv=args.identity_csv)
     print(summary_json(summary))
     return 0
 

@@ -8,13 +8,9 @@ For every input it returns a plain dict (picklable, no exceptions escape):
   ArcFace crop, ``emonet_crop`` the 256x256 EmoNet input crop, ``landmarks`` [478, 3] float32 in the
   aligned crop's frame and ``meta`` the JSON-serialisable facts written to the manifest.
 
-Stored landmarks are the detected landmarks *transformed* into the aligned crop (not re-detected on it):
-the transform is exact and cheap, it cannot fail on a crop where the detector would miss the face (small
-resolutions, faces near the crop border), and it keeps landmarks, ArcFace crop and image crop consistent
-by construction. x, y are divided by the crop side (so they are in [0, 1] inside the crop, like
-MediaPipe's normalised output); z, which MediaPipe scales like x (by the image width), is multiplied by
-the source width and the similarity scale and divided by the crop side, i.e. it stays in the same units
-as x.
+Detection, alignment and crops are :mod:`facecrafter_jax.face.analysis` (the same path ``sample.py`` and the
+evaluation analysers use); this module adds data_prep's policy: the minimum image / face size and the
+requirement of a head pose, with skip reasons for the manifest.
 """
 
 from __future__ import annotations
@@ -23,15 +19,11 @@ import os
 import traceback
 from dataclasses import asdict, dataclass
 
-import numpy as np
+from facecrafter_jax.face.analysis import FaceAnalyser, aligned_face, arcface_crop, emonet_crop
+from facecrafter_jax.face.emotion import DEFAULT_EMONET_CROP_SCALE
+from facecrafter_jax.face.images import MIN_SIDE, SkipImage, load_image
 
-from data_prep.align import arcface_template, ffhq_template, similarity_scale, transform_points, umeyama, warp_affine
-from data_prep.images import MIN_SIDE, SkipImage, load_image
-from data_prep.landmarks import FaceLandmarker, five_points, head_pose_from_matrix, select_largest_face
-
-__all__ = ["ExtractSettings", "FaceExtractor", "EMONET_SIZE", "init_worker", "process_in_worker"]
-
-EMONET_SIZE = 256
+__all__ = ["ExtractSettings", "FaceExtractor", "init_worker", "process_in_worker"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +42,7 @@ class ExtractSettings:
     resolution: int = 512
     min_side: int = MIN_SIDE
     num_faces: int = 5
-    emonet_crop_scale: float = 0.75
+    emonet_crop_scale: float = DEFAULT_EMONET_CROP_SCALE
 
     def __post_init__(self):
         if self.resolution < 8 or self.resolution % 8:
@@ -61,21 +53,12 @@ class ExtractSettings:
             raise ValueError(f"emonet_crop_scale must be in [0.2, 2], got {self.emonet_crop_scale}")
 
 
-def emonet_template(scale: float) -> np.ndarray:
-    """EmoNet crop template: the FFHQ template scaled by 1/``scale`` about the crop centre, at 256 px."""
-    t = ffhq_template(1.0)
-    return ((t - 0.5) / scale + 0.5) * EMONET_SIZE
-
-
 class FaceExtractor:
     """Decode + landmark + align one image. Holds a MediaPipe landmarker (one per process)."""
 
     def __init__(self, landmarker_path: str | os.PathLike, settings: ExtractSettings):
         self.settings = settings
-        self.landmarker = FaceLandmarker(landmarker_path, num_faces=settings.num_faces)
-        self._t_arc = arcface_template()
-        self._t_ffhq = ffhq_template(settings.resolution)
-        self._t_emo = emonet_template(settings.emonet_crop_scale)
+        self.analyser = FaceAnalyser(landmarker_path, num_faces=settings.num_faces)
 
     def __call__(self, root: str, image_id: str) -> dict:
         try:
@@ -89,50 +72,30 @@ class FaceExtractor:
     def _process(self, path: str, image_id: str) -> dict:
         s = self.settings
         rgb = load_image(path, min_side=s.min_side)
-        h, w = rgb.shape[:2]
-        faces = self.landmarker.detect(rgb)
-        if not faces:
+        face = self.analyser.detect(rgb)
+        if face is None:
             raise SkipImage("no_face", "the face landmarker found no face")
-        idx = select_largest_face(faces, w, h)
-        face = faces[idx]
-        if not np.all(np.isfinite(face.matrix)):
+        if not face.has_pose:
             raise SkipImage("no_pose", "the landmarker returned no facial transformation matrix")
-        xy = face.pixel_xy(w, h)
-        kps = five_points(xy)
-
-        m_ffhq = umeyama(kps, self._t_ffhq)
-        scale = similarity_scale(m_ffhq)  # crop px per source px
-        if s.resolution / scale < s.min_side:
-            raise SkipImage("face_too_small", f"the aligned crop covers {s.resolution / scale:.0f} source px "
+        aligned = aligned_face(rgb, face, s.resolution)
+        if aligned.source_side < s.min_side:
+            raise SkipImage("face_too_small", f"the aligned crop covers {aligned.source_side:.0f} source px "
                                               f"(< {s.min_side})")
-        m_arc = umeyama(kps, self._t_arc)
-        m_emo = umeyama(kps, self._t_emo)
-
-        image = warp_affine(rgb, m_ffhq, s.resolution)
-        arc_crop = warp_affine(rgb, m_arc, 112, antialias=False)
-        emo_crop = warp_affine(rgb, m_emo, EMONET_SIZE)
-
-        lm = np.empty_like(face.landmarks, dtype=np.float32)
-        lm[:, :2] = transform_points(m_ffhq, xy) / s.resolution
-        lm[:, 2] = face.landmarks[:, 2] * (w * scale / s.resolution)
-        pose = head_pose_from_matrix(face.matrix)
-
+        pose = face.head_pose()
+        info = face.info()
         meta = {
-            "width": w,
-            "height": h,
-            "num_faces": len(faces),
-            "face_index": idx,
-            "face_selection": "largest",
-            "face_box": [round(v, 2) for v in face.box(w, h)],
-            "kps5": np.round(kps, 3).tolist(),
-            "crop_matrix": m_ffhq[:2].tolist(),  # full precision: crops can be reproduced exactly
+            "width": face.width,
+            "height": face.height,
+            **{k: info[k] for k in ("num_faces", "face_index", "face_selection", "face_box", "kps5")},
+            "crop_matrix": aligned.matrix[:2].tolist(),  # full precision: crops can be reproduced exactly
             "head_pose": [round(float(v), 3) for v in pose],
         }
-        return {"image_id": image_id, "status": "ok", "image": image, "arcface_crop": arc_crop,
-                "emonet_crop": emo_crop, "landmarks": lm, "head_pose": pose, "meta": meta}
+        return {"image_id": image_id, "status": "ok", "image": aligned.image, "arcface_crop": arcface_crop(rgb, face),
+                "emonet_crop": emonet_crop(rgb, face, s.emonet_crop_scale), "landmarks": aligned.landmarks,
+                "head_pose": pose, "meta": meta}
 
     def close(self):
-        self.landmarker.close()
+        self.analyser.close()
 
 
 # ------------------------------------------------------------------ worker-process entry points

@@ -1,4 +1,4 @@
-"""Batched JAX stage of data preparation: EmoNet emotions and VAE latent moments.
+"""Batched JAX stage of data preparation: VAE latent moments (EmoNet: :mod:`facecrafter_jax.face.emotion`).
 
 Batches are padded to a fixed ``batch_size`` so that each model is compiled once per run.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["EmotionModel", "LatentModel"]
+__all__ = ["LatentModel"]
 
 
 _JITTED: dict = {}
@@ -18,11 +18,7 @@ def _jitted(name: str):
     if name not in _JITTED:
         from flax import nnx
 
-        if name == "emotion":
-            from facecrafter_jax.models.emonet import predict_emotion
-
-            _JITTED[name] = nnx.jit(predict_emotion)
-        elif name == "moments":
+        if name == "moments":
             _JITTED[name] = nnx.jit(lambda m, x: m.encode_moments(x))
     return _JITTED[name]
 
@@ -32,26 +28,6 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
         return x
     pad = np.zeros((n - len(x),) + x.shape[1:], x.dtype)
     return np.concatenate([x, pad])
-
-
-class EmotionModel:
-    """EmoNet from an official checkpoint; ``__call__`` maps uint8 RGB crops [N, 256, 256, 3] to the
-    record's ``emotion`` [N, 10] (softmax over the 8 classes, valence, arousal clipped to [-1, 1])."""
-
-    def __init__(self, checkpoint: str, batch_size: int):
-        from facecrafter_jax.convert.emonet import load_emonet
-
-        self.model = load_emonet(checkpoint)
-        if self.model.n_expression != 8:
-            raise ValueError(f"{checkpoint}: EmoNet has {self.model.n_expression} classes; the records need the "
-                             "8-class model (emonet_8.pth)")
-        self.batch_size = batch_size
-        self._fn = _jitted("emotion")
-
-    def __call__(self, crops: np.ndarray) -> np.ndarray:
-        n = len(crops)
-        x = _pad(np.asarray(crops, np.float32) / 255.0, max(self.batch_size, n))
-        return np.asarray(self._fn(self.model, x))[:n]
 
 
 class LatentModel:

@@ -5,6 +5,11 @@ detect, select and align every image (:mod:`data_prep.extract`); the main proces
 (``--batch-size``) through ArcFace (onnxruntime), EmoNet and the VAE (JAX) and writes records with the
 :class:`~facecrafter_jax.data.records.RecordWriter`. Skipped images get a manifest line at once; ok images
 get theirs when their shard is committed (see :mod:`data_prep.manifest`).
+
+Killed at any moment (SIGKILL, OOM, preemption), a rerun of the same command finishes the job: every input
+image ends with exactly one manifest line and at most one record, and every shard verifies against
+``dataset.json`` (tested in tests/test_faults.py). The models are built by :func:`load_models` and the CPU
+stage by :func:`make_extractor`.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.extract import ExtractSettings, FaceExtractor, init_worker, process_in_worker
-from data_prep.images import IMAGE_EXTENSIONS
+from data_prep.identities import read_identity_csv
 from data_prep.manifest import MANIFEST_NAME, Manifest
+from facecrafter_jax.errors import DataError, MissingDataError
+from facecrafter_jax.face.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "list_images"]
+__all__ = ["run", "list_images", "load_models", "make_extractor"]
 
 TASK_TIMEOUT_S = 300.0
 
@@ -39,7 +46,7 @@ def list_images(root: str | os.PathLike, *, all_files: bool = False, exclude: st
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise MissingDataError(f"--images: image folder not found: {root}")
     exclude_real = os.path.realpath(exclude) if exclude is not None else None
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -123,19 +130,33 @@ class _Stage:
         self.pending = []
 
 
+def load_models(arcface: str, emonet: str, vae: str, resolution: int, batch_size: int):
+    """``(arcface, emotion, latent)`` callables of the model stage: ArcFace ONNX, Flax EmoNet, Flax VAE."""
+    from data_prep.models import LatentModel
+    from facecrafter_jax.face.arcface import ArcFaceONNX
+    from facecrafter_jax.face.emotion import EmotionModel
+
+    return ArcFaceONNX(arcface), EmotionModel(emonet, batch_size), LatentModel(vae, resolution, batch_size)
+
+
+def make_extractor(landmarker: str, settings: ExtractSettings) -> FaceExtractor:
+    """The per-image CPU stage used in this process (``--workers 0``)."""
+    return FaceExtractor(landmarker, settings)
+
+
 def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: str, *, resolution: int = 512,
         workers: int | None = None, batch_size: int = 16, shard_size: int = 1000, latent_dtype: str = "float16",
         min_side: int | None = None, num_faces: int = 5, emonet_crop_scale: float = 0.75, all_files: bool = False,
-        retry_skipped: bool = False, limit: int | None = None, progress: bool = True) -> dict:
+        retry_skipped: bool = False, limit: int | None = None, progress: bool = True,
+        identity_csv: str | None = None) -> dict:
     """Process every image under ``images`` into records in ``out``; resumable. Returns a summary dict.
 
     See ``python -m data_prep run --help`` for the arguments.
     """
-    from facecrafter_jax.data.records import RecordWriter, read_dataset_info
+    from facecrafter_jax.data.identities import write_identity_labels
+    from facecrafter_jax.data.records import RecordWriter, read_dataset_info, read_image_ids
 
-    from data_prep.arcface import ArcFaceONNX
-    from data_prep.images import MIN_SIDE
-    from data_prep.models import EmotionModel, LatentModel
+    from facecrafter_jax.face.images import MIN_SIDE
 
     t_start = time.time()
     settings = ExtractSettings(resolution=resolution, min_side=MIN_SIDE if min_side is None else min_side,
@@ -146,16 +167,15 @@ def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: 
         workers = max(1, min(4, (os.cpu_count() or 2) - 1))
     for name, path in (("landmarker", landmarker), ("arcface", arcface), ("emonet", emonet)):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--{name}: file not found: {path}")
+            raise MissingDataError(f"--{name}: file not found: {path}")
     if not os.path.isdir(vae):
-        raise FileNotFoundError(f"--vae: diffusers VAE folder not found: {vae}")
+        raise MissingDataError(f"--vae: diffusers VAE folder not found: {vae}")
     root = os.path.abspath(images)
     all_ids = list_images(root, all_files=all_files, exclude=out)
+    identities = None if identity_csv is None else read_identity_csv(identity_csv, all_ids)
 
     # Models first: a wrong file fails before any work is done.
-    arc_model = ArcFaceONNX(arcface)
-    emo_model = EmotionModel(emonet, batch_size)
-    lat_model = LatentModel(vae, resolution, batch_size)
+    arc_model, emo_model, lat_model = load_models(arcface, emonet, vae, resolution, batch_size)
 
     metadata = {"data_prep": {"settings": asdict(settings), "landmarker": _file_fingerprint(landmarker),
                               "arcface": _file_fingerprint(arcface), "emonet": _file_fingerprint(emonet),
@@ -164,8 +184,8 @@ def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: 
     if (out_path / "dataset.json").exists():
         previous = read_dataset_info(out_path).get("metadata", {}).get("data_prep", {}).get("settings")
         if previous is not None and previous != asdict(settings):
-            raise ValueError(f"{out} was prepared with settings {previous}; this run uses {asdict(settings)}. "
-                             "Use a new output folder (records of one dataset must share their crop settings).")
+            raise DataError(f"{out} was prepared with settings {previous}; this run uses {asdict(settings)}. "
+                            "Use a new output folder (records of one dataset must share their crop settings).")
 
     summary: dict = {}
     with RecordWriter(out_path, resolution=resolution, shard_size=shard_size, latent_dtype=latent_dtype,
@@ -186,6 +206,8 @@ def run(images: str, out: str, landmarker: str, arcface: str, emonet: str, vae: 
         finally:
             writer.close()  # commits the last (short) shard; on an exception the partial shard is kept
             stage.commit_pending()
+            if identities is not None:
+                write_identity_labels(out_path, {i: identities[i] for i in read_image_ids(out_path)})
     elapsed = time.time() - t_start
     summary.update(ok=stage.ok, skipped=dict(stage.skipped), seconds=round(elapsed, 2),
                    images_per_second=round(len(todo) / elapsed, 3) if elapsed > 0 else None)
@@ -226,7 +248,7 @@ def _loop(todo, root, landmarker, settings, workers, batch_size, stage, progress
 
     try:
         if workers == 0:
-            extractor = FaceExtractor(landmarker, settings)
+            extractor = make_extractor(landmarker, settings)
             try:
                 for image_id in valid:
                     handle(extractor(root, image_id))

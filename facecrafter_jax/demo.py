@@ -25,23 +25,13 @@ import time
 import numpy as np
 
 
-def _grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
-    """rows: list of [N, H, W, 3] uint8 -> one uint8 image."""
-    n, h, w, _ = rows[0].shape
-    out = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
-    for r, imgs in enumerate(rows):
-        for i, im in enumerate(imgs):
-            y, x = pad + r * (h + pad), pad + i * (w + pad)
-            out[y:y + h, x:x + w] = im
-    return out
-
-
 def run(out: str, *, steps: int = 25, num_images: int = 4, seed: int = 0, guidance: float = 3.0) -> dict:
     import torch
     from PIL import Image
     from tqdm import tqdm
 
     from facecrafter_jax import tokens
+    from facecrafter_jax.image_grid import image_grid
     from facecrafter_jax.convert.cli import main as convert_main
     from facecrafter_jax.pretrained import load_pretrained
     from facecrafter_jax.sampling import Arc2FacePipeline
@@ -106,7 +96,7 @@ def run(out: str, *, steps: int = 25, num_images: int = 4, seed: int = 0, guidan
     stages.close()
 
     scale = max(1, 128 // ours.images.shape[1])
-    grid = _grid([np.asarray(ours.images), ref_uint8])
+    grid = image_grid(np.stack([np.asarray(ours.images), ref_uint8]))
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(os.path.join(out, "grid.png"))
     summary = {
         "steps": steps, "guidance": guidance, "num_images": num_images, "seed": seed, "scheduler": "dpm++2m",

@@ -18,14 +18,20 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["UserError", "ConfigError", "DataError", "CheckpointError", "ResourceError", "one_line", "run_cli",
-           "EXIT_USER_ERROR"]
+__all__ = ["UserError", "ConfigError", "DataError", "MissingDataError", "CheckpointError", "CheckpointNotFoundError",
+           "ResourceError", "PeerLostError", "DivergenceError", "one_line", "run_cli", "EXIT_USER_ERROR"]
 
 EXIT_USER_ERROR = 2
 
 
 class UserError(Exception):
-    """An expected failure caused by the user's input or environment: reported as one line, exit status 2."""
+    """An expected failure caused by the user's input or environment: reported as one line, exit status 2.
+
+    ``hard_exit = True`` (class or instance attribute) makes :func:`run_cli` leave with ``os._exit`` after
+    printing the line: for a process whose runtime can no longer shut down cleanly (a JAX distributed client
+    that lost a peer aborts in its exit handlers, with a C++ stack dump)."""
+
+    hard_exit = False
 
 
 class ConfigError(UserError, ValueError):
@@ -36,12 +42,30 @@ class DataError(UserError, ValueError):
     """Input data is missing, damaged or inconsistent (records, shards, images, target files)."""
 
 
+class MissingDataError(DataError, FileNotFoundError):
+    """A data file or folder does not exist (also a ``FileNotFoundError``)."""
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written, read or used for this run."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one is expected (also a ``FileNotFoundError``)."""
+
+
 class ResourceError(UserError, RuntimeError):
     """A resource ran out or went away (disk, memory, a peer process of a multi-host run)."""
+
+
+class PeerLostError(ResourceError):
+    """Another process of a multi-host run died or stopped answering; the run cannot continue."""
+
+    hard_exit = True
+
+
+class DivergenceError(UserError, RuntimeError):
+    """Training diverged: too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 def one_line(message: object) -> str:
@@ -68,4 +92,7 @@ def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None = None,
             raise
         sys.stderr.write(f"error: {one_line(e)}\n")
         sys.stderr.flush()
+        if getattr(e, "hard_exit", False):
+            sys.stdout.flush()
+            os._exit(EXIT_USER_ERROR)
         return EXIT_USER_ERROR

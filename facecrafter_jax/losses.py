@@ -11,15 +11,21 @@ and the per-sample *active* flags of each control (mask on and not null-dropped;
 ``map_overlap`` (reading B)
     overlap between the spatial map of the identity token(s) and the spatial map of each control token,
     each normalised over the spatial positions (head-averaged); cosine or histogram intersection.
+``across_setups`` (reading C)
+    the same noisy latent and timestep under two setups of one sample, stacked in one forward: its own setup
+    (rows ``[0, B)``) and the same with every control on its null tokens (rows ``[B, 2B)``, ID-only). Per layer
+    and query position, with ``h = o_id + sum_c w_c o_c`` the cross-attention output before ``to_out``:
+    ``cos^2(h_ref, h_own - h_ref)``: what the controls change must be orthogonal to the ID-only representation.
+    Readings that need the paired rows are listed in :data:`PAIRED_READINGS`.
 
 Each reading averages over query positions (and tokens / heads), then over every (layer, control,
-active sample) triple; samples whose control is off or null-dropped contribute nothing. With no
-active sample at all the loss is 0. Equations and rationale: ``docs/method.md``.
+active sample) triple (reading C: every (layer, sample with an active control)); samples whose control is off
+or null-dropped contribute nothing. With no active sample at all the loss is 0. Equations and rationale:
+``docs/method.md``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,7 +38,9 @@ __all__ = [
     "diffusion_loss",
     "orthogonality_loss",
     "map_overlap_loss",
+    "across_setups_loss",
     "AD_LOSSES",
+    "PAIRED_READINGS",
     "ADLossConfig",
     "ad_loss",
 ]
@@ -190,10 +198,62 @@ def map_overlap_loss(maps, active: Mapping[str, jax.Array], *, layers=None,
     return _masked_mean(values, weights)
 
 
+# --------------------------------------------------------------------------------------------
+# Reading C: the controls' change across setups, orthogonal to the ID-only representation
+# --------------------------------------------------------------------------------------------
+
+
+def across_setups_loss(maps, active: Mapping[str, jax.Array], *, weights: Mapping[str, jax.Array], layers=None,
+                       eps: float = 1e-6) -> jax.Array:
+    """Squared cosine between the ID-only representation and the change the sample's controls make to it.
+
+    ``maps`` come from one forward of ``2B`` rows: rows ``[0, B)`` the samples under their own setups, rows
+    ``[B, 2B)`` the same (noisy latent, timestep, identity context) with every control on its null tokens.
+    ``weights[c]`` ``[2B]`` are the branch weights of those rows (``mask * scale``), ``active[c]`` ``[B]`` the
+    samples whose control ``c`` is real. For layer l, query position q and sample b::
+
+        h = o_id + sum_c w_c o_c                      (the layer's attention output before to_out, heads concatenated)
+        v_b = mean_q cos^2(h_ref[b, q], h_own[b, q] - h_ref[b, q])       h_own = h[b], h_ref = h[B + b]
+
+    averaged over (l, b) for the samples with any active control. 0 when the controls' change is orthogonal to
+    the ID-only representation (or zero), 1 when it only rescales it. Computed as ``<x, y>^2 / max(|x|^2 |y|^2,
+    eps^2)``, so a zero change gives 0 with a finite gradient.
+    """
+    chosen = _select_layers(maps, layers)
+    values, wts = [], []
+    for layer in chosen:
+        o_id = _get(maps, layer, "id", "out").astype(jnp.float32)  # [2B, Lq, heads, d]
+        rows = o_id.shape[0]
+        if rows % 2:
+            raise ValueError(f"across_setups: the maps need 2B rows (own setups, then their ID-only pairs), got {rows}")
+        b = rows // 2
+        act = _active(active, b)
+        h = o_id
+        for name, w in weights.items():
+            w = jnp.asarray(w, jnp.float32)
+            if w.shape != (rows,):
+                raise ValueError(f"across_setups: weights[{name!r}] must be [2B={rows}], got shape {w.shape}")
+            h = h + w[:, None, None, None] * _get(maps, layer, name, "out").astype(jnp.float32)
+        h = h.reshape(rows, h.shape[1], -1)
+        ref = h[b:]
+        change = h[:b] - ref
+        dot = jnp.sum(ref * change, axis=-1)
+        norms2 = jnp.sum(ref * ref, axis=-1) * jnp.sum(change * change, axis=-1)
+        cos2 = jnp.square(dot) / jnp.maximum(norms2, eps * eps)
+        values.append(jnp.mean(cos2, axis=1))  # [B]
+        wts.append(jnp.max(jnp.stack(list(act.values())), axis=0))
+    return _masked_mean(values, wts)
+
+
 AD_LOSSES: dict[str, Callable[..., jax.Array]] = {
     "orthogonality": orthogonality_loss,
     "map_overlap": map_overlap_loss,
+    "across_setups": across_setups_loss,
 }
+
+PAIRED_READINGS = frozenset({"across_setups"})
+"""Readings whose maps come from the paired forward (own setups + their ID-only pairs, ``2B`` rows) and that take
+the rows' branch ``weights``."""
 
 
 @dataclass(frozen=True)
@@ -225,7 +285,7 @@ class ADLossConfig:
             raise ValueError(f"ADLossConfig.weight must be >= 0, got {self.weight!r}")
         import inspect
 
-        allowed = set(inspect.signature(AD_LOSSES[self.kind]).parameters) - {"maps", "active", "layers"}
+        allowed = set(inspect.signature(AD_LOSSES[self.kind]).parameters) - {"maps", "active", "layers", "weights"}
         unknown = sorted(set(self.options) - allowed)
         if unknown:
             raise ValueError(f"ADLossConfig.options: unknown option(s) {unknown} for {self.kind!r} (allowed: {sorted(allowed)})")
@@ -236,14 +296,19 @@ class ADLossConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ADLossConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown AD loss config key(s) {unknown}; expected a subset of {sorted(fields)}")
-        return cls(**d)
+        from facecrafter_jax.config import from_dict  # the one config engine: typed values, unknown keys named
+
+        return from_dict(cls, d, what="AD loss")
 
 
-def ad_loss(config: ADLossConfig, maps, active: Mapping[str, jax.Array]) -> jax.Array:
-    """``config.weight * AD_LOSSES[config.kind](maps, active, layers=config.layers, **config.options)``."""
+def ad_loss(config: ADLossConfig, maps, active: Mapping[str, jax.Array], *,
+            weights: Mapping[str, jax.Array] | None = None) -> jax.Array:
+    """``config.weight * AD_LOSSES[config.kind](maps, active, layers=config.layers, **config.options)``; the paired
+    readings (:data:`PAIRED_READINGS`) also get the rows' branch ``weights``."""
     fn = AD_LOSSES[config.kind]
-    return jnp.float32(config.weight) * fn(maps, active, layers=config.layers, **dict(config.options))
+    extra = dict(config.options)
+    if config.kind in PAIRED_READINGS:
+        if weights is None:
+            raise ValueError(f"AD loss {config.kind!r} needs the branch weights of the paired rows")
+        extra["weights"] = weights
+    return jnp.float32(config.weight) * fn(maps, active, layers=config.layers, **extra)

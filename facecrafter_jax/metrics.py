@@ -1,6 +1,6 @@
 """Evaluation metrics of the FaceCrafter paper's kind, as pure NumPy functions.
 
-Every function works on plain arrays (no model, no I/O); the analysers of :mod:`facecrafter_jax.evaluate`
+Every function works on plain arrays (no model, no I/O); the analysers of :mod:`facecrafter_jax.evaluation`
 produce the inputs. Conventions:
 
 * Per-image functions return one value per image and **propagate NaN**: an image whose analyser found no
@@ -9,7 +9,7 @@ produce the inputs. Conventions:
 * Landmarks are MediaPipe's 478 points ``[..., 478, 3]``: x, y normalised to [0, 1] by the image width /
   height, z a relative depth in the units of x (data_prep's convention). 2-D metrics use x, y only.
 * Head pose is ``(yaw, pitch, roll)`` in degrees with ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)``
-  (``data_prep.landmarks.head_pose_from_matrix``).
+  (:mod:`facecrafter_jax.face.geometry`).
 * Standard deviations are population standard deviations (``ddof=0``); covariances for the Fréchet
   distance use ``ddof=1`` (as the FID reference implementations do).
 
@@ -32,18 +32,18 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from facecrafter_jax.face.geometry import rotation_from_pose
+from facecrafter_jax.face.vocabulary import NUM_EMOTIONS, NUM_LANDMARKS
+
 __all__ = [
     "MOUTH_INDICES", "LEFT_EYE_INDICES", "RIGHT_EYE_INDICES", "EYE_INDICES", "LEFT_BROW_INDICES",
     "RIGHT_BROW_INDICES", "BROW_INDICES", "EXPRESSION_INDICES", "EXPRESSION_SUBSETS", "OUTER_EYE_CORNERS",
-    "NUM_LANDMARKS", "NUM_EMOTIONS",
     "cosine_similarity", "identity_similarity", "inter_ocular_distance", "nme", "procrustes_align",
-    "expression_nme", "rotation_from_pose", "geodesic_angle", "pose_errors", "emotion_errors",
+    "expression_nme", "geodesic_angle", "pose_errors", "emotion_errors",
     "pose_diversity", "expression_diversity", "emotion_diversity", "diversity", "class_entropy",
     "frechet_distance", "frechet_distance_from_stats", "summarise",
 ]
 
-NUM_LANDMARKS = 478
-NUM_EMOTIONS = 8
 OUTER_EYE_CORNERS = (33, 263)
 
 MOUTH_INDICES = (0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191, 267,
@@ -217,18 +217,6 @@ def expression_nme(pred, target, subsets: Mapping[str, Sequence[int]] | None = N
 
 
 # ------------------------------------------------------------------------------------------------ head pose
-def rotation_from_pose(pose) -> np.ndarray:
-    """Rotation matrices [N, 3, 3] ``Rz(roll) @ Ry(yaw) @ Rx(pitch)`` from (yaw, pitch, roll) degrees [N, 3]."""
-    p = np.deg2rad(np.asarray(pose, np.float64).reshape(-1, 3))
-    y, x, z = p[:, 0], p[:, 1], p[:, 2]
-    cy, sy, cx, sx, cz, sz = np.cos(y), np.sin(y), np.cos(x), np.sin(x), np.cos(z), np.sin(z)
-    one, zero = np.ones_like(y), np.zeros_like(y)
-    rx = np.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], -1).reshape(-1, 3, 3)
-    ry = np.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
-    rz = np.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], -1).reshape(-1, 3, 3)
-    return rz @ ry @ rx
-
-
 def geodesic_angle(r1, r2) -> np.ndarray:
     """Angle in degrees of the relative rotation ``R1^T R2`` (geodesic distance on SO(3)), per item.
 

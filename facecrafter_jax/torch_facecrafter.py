@@ -17,6 +17,12 @@ Needs the ``torch`` extra (torch, diffusers); imports no JAX. Runs the adapters 
 cross-attention layer computes ``Attn(Q, K_id, V_id) + sum_c scale_c * mask_c * Attn(Q, K_c, V_c)``
 before its output projection (``docs/method.md``). The token batch must match the UNet batch (for
 classifier-free guidance, concatenate the unconditional and conditional controls like the latents).
+:func:`encode_controls` gives every loaded control: one left as None runs on its null tokens (the
+all-zero raw input through its encoder, branch on), which is also the unconditional side of CFG; a branch is
+switched off only explicitly (scale or mask 0). A control missing from a hand-made ``controls`` dict is off.
+
+Stock diffusers (no code from this package) runs the same adapters as IP-Adapters: see
+:mod:`facecrafter_jax.convert.ip_adapter` and :mod:`facecrafter_jax.torch_ip_adapter`.
 
 State-dict keys: ``<attn2 processor path>.to_k_c.<name>.weight`` (e.g.
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_c.landmark.weight``, the key the
@@ -33,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facecrafter_jax.face.vocabulary import CONTROL_INPUT_DIMS, NUM_LANDMARKS
+
 __all__ = [
     "ADAPTERS_FILE",
     "ADAPTERS_CONFIG_FILE",
@@ -41,6 +49,7 @@ __all__ = [
     "FaceCrafterAttnProcessor",
     "FaceCrafterSelfAttnProcessor",
     "control_features",
+    "null_input",
     "load_facecrafter_adapters",
     "encode_controls",
     "set_controls",
@@ -49,8 +58,6 @@ __all__ = [
 ADAPTERS_FILE = "facecrafter_adapters.safetensors"
 ADAPTERS_CONFIG_FILE = "facecrafter_adapters.json"
 ADAPTERS_FORMAT = "facecrafter-adapters"
-NUM_LANDMARKS = 478
-CONTROL_INPUT_DIMS = {"landmark": NUM_LANDMARKS * 3, "emotion": 10}
 LAYER_NORM_EPS = 1e-5
 
 
@@ -261,19 +268,50 @@ def load_facecrafter_adapters(unet, path: str) -> nn.ModuleDict:
     return encoders.to(device=param.device, dtype=param.dtype).eval()
 
 
+def null_input(kind: str, batch: int, *, device=None) -> torch.Tensor:
+    """The null (absent / unconditional) raw condition of ``kind``: all zeros, ``[B, 478, 3]`` or ``[B, 10]``."""
+    if kind not in CONTROL_INPUT_DIMS:
+        raise ValueError(f"unknown control {kind!r}; known controls: {sorted(CONTROL_INPUT_DIMS)}")
+    shape = (batch, NUM_LANDMARKS, 3) if kind == "landmark" else (batch, CONTROL_INPUT_DIMS[kind])
+    return torch.zeros(shape, dtype=torch.float32, device=device)
+
+
 def encode_controls(encoders: Mapping[str, ControlTokenEncoder], *, landmarks=None, emotion=None,
-                    masks: Mapping | None = None, scales: Mapping | None = None) -> dict:
-    """``{name: (tokens, mask, scale)}`` for the given raw conditions (None: that control is absent)."""
+                    masks: Mapping | None = None, scales: Mapping | None = None, batch_size: int | None = None) -> dict:
+    """``{name: (tokens, mask, scale)}`` for **every** control in ``encoders``.
+
+    A control whose input is None is *absent*: it runs on its null tokens (the all-zero raw input through its
+    encoder, branch on), the project's convention and IP-Adapter's (the CFG negative is the zeros input with
+    the adapter on). Switching a branch off is explicit: ``scales={name: 0.0}`` (or a 0 mask). The batch is
+    that of the given inputs (they must agree), else ``batch_size``. ``masks`` / ``scales``: per control, a
+    scalar or ``[B]`` (default: mask None = on, scale 1).
+    """
     masks, scales = dict(masks or {}), dict(scales or {})
+    raw = {"landmark": landmarks, "emotion": emotion}
+    for what, d in (("masks", masks), ("scales", scales)):
+        unknown = sorted(set(d) - set(encoders.keys()))
+        if unknown:
+            raise ValueError(f"{what} for control(s) {unknown} without an encoder (have {list(encoders.keys())})")
+    for name, x in raw.items():
+        if x is not None and name not in encoders:
+            raise ValueError(f"a {name} input was given but there is no {name!r} encoder (have {list(encoders.keys())})")
+    batches = {name: int(x.shape[0]) for name, x in raw.items() if x is not None}
+    if len(set(batches.values())) > 1:
+        raise ValueError(f"control inputs have different batch sizes {batches}")
+    if batches:
+        batch = next(iter(batches.values()))
+        if batch_size is not None and batch_size != batch:
+            raise ValueError(f"batch_size={batch_size} but the control inputs have batch {batch}")
+    elif batch_size is None:
+        raise ValueError("no control input given: pass batch_size so the null tokens can be made")
+    else:
+        batch = int(batch_size)
     out = {}
-    for name, x in (("landmark", landmarks), ("emotion", emotion)):
+    for name, enc in encoders.items():
+        x = raw.get(name)
         if x is None:
-            if masks.get(name) is not None:
-                raise ValueError(f"a {name} mask was given without a {name} input")
-            continue
-        if name not in encoders:
-            raise ValueError(f"no {name!r} encoder (have {list(encoders.keys())})")
-        out[name] = (encoders[name](x), masks.get(name), scales.get(name, 1.0))
+            x = null_input(name, batch, device=enc.proj_in.weight.device)
+        out[name] = (enc(x), masks.get(name), scales.get(name, 1.0))
     return out
 
 

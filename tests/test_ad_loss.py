@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecrafter_jax.losses import ADLossConfig, AD_LOSSES, ad_loss, diffusion_loss, map_overlap_loss, orthogonality_loss
+from facecrafter_jax.losses import (ADLossConfig, AD_LOSSES, across_setups_loss, ad_loss, diffusion_loss, map_overlap_loss,
+                                   orthogonality_loss)
 from facecrafter_jax.tokens import ID_TOKEN_POSITION
 
 
@@ -198,3 +199,61 @@ def test_zero_branch_outputs_and_maps_give_finite_gradients():
                                                  "landmark": {"probs": c}}}, {"landmark": jnp.ones(1)}))(
         jnp.zeros((1, 2, 4, 1)))
     assert np.all(np.isfinite(np.asarray(g)))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading C: across setups (own setup vs its ID-only pair, stacked as 2B rows)
+# --------------------------------------------------------------------------------------------
+def _paired(own_id, own_c, ref_id, ref_c, layers=(0,)):
+    """maps with 2B rows: rows [0, B) the own setups, rows [B, 2B) the ID-only pairs (one head, one position)."""
+    o_id = np.concatenate([own_id, ref_id])[:, None, None, :].astype(np.float32)
+    o_c = np.concatenate([own_c, ref_c])[:, None, None, :].astype(np.float32)
+    return _out_maps(o_id, {"landmark": o_c}, layers)
+
+
+def test_across_setups_known_values():
+    """h = o_id + w o_c per row; value = cos^2(h_ref, h_own - h_ref), computed by hand for three samples."""
+    own_id = np.array([[1.0, 0.0], [1.0, 0.0], [2.0, 1.0]])
+    own_c = np.array([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    ref_id = np.array([[1.0, 0.0], [1.0, 0.0], [2.0, 1.0]])
+    ref_c = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])  # the null tokens' branch output
+    w = jnp.array([1.0, 1.0, 0.5, 1.0, 1.0, 2.0])
+    maps = _paired(own_id, own_c, ref_id, ref_c)
+    # sample 0: h_own (1, 1), h_ref (1, 0), change (0, 1): orthogonal -> 0
+    # sample 1: h_own (2, 1), h_ref (1, 0), change (1, 1): cos^2 = 1 / 2
+    # sample 2: h_own (2, 1) (w 0.5 * 0), h_ref (4, 1) (w 2 * (1, 0)), change (-2, 0): cos^2 = 64 / (17 * 4) = 16 / 17
+    hand = [0.0, 0.5, 16.0 / 17.0]
+    loss = lambda act: float(across_setups_loss(maps, {"landmark": act}, weights={"landmark": w}))
+    assert loss(jnp.ones(3)) == pytest.approx(np.mean(hand), abs=1e-6)
+    assert loss(jnp.array([0.0, 1.0, 0.0])) == pytest.approx(0.5, abs=1e-6)  # only sample 1 active
+    assert loss(jnp.zeros(3)) == 0.0
+    # any active control counts a sample once; config plumbing
+    two = {**maps[0], "emotion": {"out": maps[0]["landmark"]["out"] * 0}}
+    both = float(across_setups_loss({0: two}, {"landmark": jnp.array([1.0, 0, 0]), "emotion": jnp.array([0, 1.0, 0])},
+                                    weights={"landmark": w, "emotion": jnp.zeros(6)}))
+    assert both == pytest.approx(0.25, abs=1e-6)
+    cfg = ADLossConfig(kind="across_setups", weight=2.0)
+    assert float(ad_loss(cfg, maps, {"landmark": jnp.ones(3)}, weights={"landmark": w})) == pytest.approx(
+        2 * np.mean(hand), abs=1e-6)
+    with pytest.raises(ValueError, match="needs the branch weights"):
+        ad_loss(cfg, maps, {"landmark": jnp.ones(3)})
+    with pytest.raises(ValueError, match="2B rows"):
+        across_setups_loss(_out_maps(np.ones((3, 1, 1, 2), np.float32), {"landmark": np.ones((3, 1, 1, 2), np.float32)}),
+                           {"landmark": jnp.ones(1)}, weights={"landmark": jnp.ones(3)})
+
+
+def test_across_setups_finite_gradients_at_zero_outputs():
+    """Zero branch outputs and a zero change (controls that change nothing) give 0 and finite gradients."""
+    z = np.zeros((2, 2))
+    own_id = np.array([[1.0, 2.0], [0.0, 0.0]])
+    w = jnp.ones(4)
+
+    def f(oc):
+        return across_setups_loss({0: {"id": {"out": jnp.asarray(np.concatenate([own_id, own_id])[:, None, None, :],
+                                                                jnp.float32)},
+                                       "landmark": {"out": oc}}}, {"landmark": jnp.ones(2)}, weights={"landmark": w})
+
+    value, g = jax.value_and_grad(f)(jnp.zeros((4, 1, 1, 2), jnp.float32))
+    assert float(value) == 0.0 and np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.isfinite(np.asarray(jax.grad(f)(jnp.asarray(np.concatenate([z, z])[:, None, None, :],
+                                                                  jnp.float32)))))

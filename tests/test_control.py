@@ -14,8 +14,8 @@ import optax
 import pytest
 from flax import nnx
 
-from facecrafter_jax.conditioning import (MixedConditioningConfig, SETUPS, active_controls, apply_conditioning,
-                                          sample_conditioning)
+from facecrafter_jax.conditioning import (MixedConditioningConfig, SETUPS, Setup, active_controls, apply_conditioning,
+                                          draw_condition, null_input, sample_conditioning, setup_conditions)
 from facecrafter_jax.models.attention import Attention, AttentionProbs, BranchOutputs
 from facecrafter_jax.models.control import (FROZEN, AdapterLinear, AdapterParam, ControlTokenEncoder,
                                             add_control_adapters, control_features, count_params)
@@ -218,7 +218,8 @@ def test_all_off_is_exactly_the_base_unet():
     base = np.asarray(_run_base(model.unet, x, T, ctx))
     zeros = jnp.zeros(2)
     for kw in ({"landmarks": lmk, "emotion": emo, "landmark_mask": zeros, "emotion_mask": zeros},
-               {"emotion": emo, "emotion_scale": 0.0}):
+               {"emotion": emo, "emotion_scale": 0.0, "landmark_mask": zeros},
+               {"landmark_mask": zeros, "emotion_mask": zeros}):
         np.testing.assert_array_equal(np.asarray(_run(model, x, T, ctx, kw)), base)
     # Eager too, and the plain UNet call without the keyword.
     eager = model(x, T, ctx, landmarks=lmk, emotion=emo, landmark_mask=zeros, emotion_mask=zeros)
@@ -261,14 +262,14 @@ def test_masks_remove_a_condition_per_sample():
     emo_off = {"landmarks": lmk, "emotion_mask": jnp.zeros(2), "landmark_mask": jnp.ones(2)}
     a = np.asarray(_run(model, x, T, ctx, dict(emo_off, emotion=emo)))
     b = np.asarray(_run(model, x, T, ctx, dict(emo_off, emotion=emo2)))
-    c = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk}))
+    c = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "emotion_mask": jnp.zeros(2)}))
     np.testing.assert_array_equal(a, b)  # same program: bit-identical
     assert np.abs(a - c).max() < 1e-5  # different programs (XLA may fuse differently)
     # Mixed per sample: sample 0 landmark only, sample 1 emotion only.
     mixed = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "emotion": emo, "landmark_mask": jnp.array([1.0, 0.0]),
                                                "emotion_mask": jnp.array([0.0, 1.0])}))
-    lmk_only = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk}))
-    emo_only = np.asarray(_run(model, x, T, ctx, {"emotion": emo}))
+    lmk_only = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "emotion_mask": jnp.zeros(2)}))
+    emo_only = np.asarray(_run(model, x, T, ctx, {"emotion": emo, "landmark_mask": jnp.zeros(2)}))
     assert np.abs(mixed[0] - lmk_only[0]).max() < 1e-5 and np.abs(mixed[1] - emo_only[1]).max() < 1e-5
     # A changed landmark input only moves the samples whose landmark mask is on.
     moved = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk2, "emotion": emo, "landmark_mask": jnp.array([1.0, 0.0]),
@@ -276,7 +277,7 @@ def test_masks_remove_a_condition_per_sample():
     np.testing.assert_array_equal(moved[1], mixed[1])
     assert np.abs(moved[0] - mixed[0]).max() > 1e-3
     # Scale 1 given per sample == the default scale.
-    s1 = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "landmark_scale": jnp.ones(2)}))
+    s1 = np.asarray(_run(model, x, T, ctx, {"landmarks": lmk, "landmark_scale": jnp.ones(2), "emotion_mask": jnp.zeros(2)}))
     assert np.abs(s1 - lmk_only).max() < 1e-5  # a traced scale vs the constant 1.0: different programs
 
 
@@ -289,8 +290,9 @@ def test_bad_control_inputs_are_named():
         model(x, T, ctx, landmarks=lmk, landmark_mask=jnp.ones(3))
     with pytest.raises(ValueError, match="scale must be"):
         model(x, T, ctx, emotion=emo, emotion_scale=jnp.ones((2, 2)))
-    with pytest.raises(ValueError, match="mask was given without"):
-        model(x, T, ctx, landmark_mask=jnp.ones(2))
+    # an absent control runs on its null tokens: the same as passing the all-zero raw input
+    np.testing.assert_allclose(np.asarray(model(x, T, ctx, emotion=emo)),
+                               np.asarray(model(x, T, ctx, emotion=emo, landmarks=jnp.zeros_like(lmk))), atol=1e-6)
     with pytest.raises(ValueError, match=r"\(tokens"):
         model.unet(x, T, ctx, controls={"landmark": jnp.zeros((2, 3, 64))})
     plain = UNet2DConditionModel(UNet2DConditionConfig.from_diffusers_config(TINY_UNET), rngs=nnx.Rngs(0))
@@ -330,7 +332,7 @@ def test_forward_with_maps_inside_jit_with_and_without_remat():
     _, maps = model.forward_with_maps(x, T, ctx, landmarks=lmk, capture=("probs",))
     _, ref = model.unet.forward_with_attention_probs(x, T, ctx)
     np.testing.assert_array_equal(np.asarray(maps[0]["id"]["probs"]), np.asarray(ref[0]))
-    assert "out" not in maps[0]["id"] and set(maps[0]) == {"id", "landmark"}
+    assert "out" not in maps[0]["id"] and set(maps[0]) == {"id", "landmark", "emotion"}  # emotion: null tokens
     with pytest.raises(ValueError, match="capture entries"):
         model.forward_with_maps(x, T, ctx, capture=("maps",))
 
@@ -379,30 +381,41 @@ def test_gradients_only_reach_adapter_params():
 # --------------------------------------------------------------------------------------------
 
 
-def test_mixed_conditioning_frequencies_match_config():
-    cfg = MixedConditioningConfig(id_only=0.1, id_landmark=0.2, id_emotion=0.3, id_landmark_emotion=0.32, all_null=0.08)
+PROBS = dict(id_landmark_emotion=0.3, id_landmark=0.15, id_emotion=0.2, id_only=0.1, landmark_emotion=0.05,
+             landmark_only=0.07, emotion_only=0.05, all_null=0.08)
+
+
+@pytest.mark.parametrize("absent", ["null_tokens", "switched_off"])
+def test_mixed_conditioning_frequencies_match_config(absent):
+    """Every combination's frequency within 5 sigma; masks / nulls / id_null follow the setup in closed form."""
+    cfg = MixedConditioningConfig(absent=absent, **PROBS)
     n = 200_000
     s = jax.jit(sample_conditioning, static_argnums=(1, 2))(jax.random.key(3), n, cfg)
-    counts = np.bincount(np.asarray(s.setup), minlength=5)
+    counts = np.bincount(np.asarray(s.setup), minlength=len(SETUPS))
     for (name, p), c in zip(zip(SETUPS, cfg.probabilities()), counts):
         sigma = math.sqrt(n * p * (1 - p))
         assert abs(c - n * p) < 5 * sigma, (name, c, n * p)
     setup = np.asarray(s.setup)
-    lm, em = np.asarray(s.masks["landmark"]), np.asarray(s.masks["emotion"])
-    # Closed-form marginals: P(landmark branch on) = P(ID+LMK) + P(ID+LMK+EMO) + P(all-null).
-    for arr, p in ((lm, 0.2 + 0.32 + 0.08), (em, 0.3 + 0.32 + 0.08), (np.asarray(s.id_null), 0.08)):
-        assert abs(arr.mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
-    act = active_controls(s)
-    np.testing.assert_array_equal(np.asarray(act["landmark"]), np.isin(setup, [1, 3]).astype(np.float32))
-    np.testing.assert_array_equal(np.asarray(act["emotion"]), np.isin(setup, [2, 3]).astype(np.float32))
-    null = setup == 4
-    assert np.all(lm[null] == 1) and np.all(np.asarray(s.nulls["emotion"])[null] == 1)
-    assert np.all(np.asarray(s.nulls["landmark"])[~null] == 0)
+    names = np.array(list(SETUPS))[setup]
+    real = {c: np.array([c in SETUPS[nm][1] for nm in names]) for c in ("landmark", "emotion")}
+    np.testing.assert_array_equal(np.asarray(s.id_null), [0.0 if SETUPS[nm][0] else 1.0 for nm in names])
+    for c in ("landmark", "emotion"):
+        np.testing.assert_array_equal(np.asarray(s.nulls[c]), (~real[c]).astype(np.float32))
+        want_mask = np.ones(n) if absent == "null_tokens" else (real[c] | (names == "all_null"))
+        np.testing.assert_array_equal(np.asarray(s.masks[c]), want_mask.astype(np.float32))
+        np.testing.assert_array_equal(np.asarray(active_controls(s)[c]), real[c].astype(np.float32))
+    # an ID-only sample: identity kept, every control branch on its null tokens (absent "null_tokens")
+    i = int(np.flatnonzero(names == "id_only")[0])
+    assert float(s.id_null[i]) == 0.0 and all(float(s.nulls[c][i]) == 1.0 for c in ("landmark", "emotion"))
+    assert all(float(s.masks[c][i]) == (1.0 if absent == "null_tokens" else 0.0) for c in ("landmark", "emotion"))
+    # closed-form marginal: P(landmark real) = sum of the setups where it is real
+    p_l = PROBS["id_landmark_emotion"] + PROBS["id_landmark"] + PROBS["landmark_emotion"] + PROBS["landmark_only"]
+    assert abs(real["landmark"].mean() - p_l) < 5 * math.sqrt(p_l * (1 - p_l) / n)
 
 
 def test_mixed_conditioning_default_deterministic_and_applied():
     cfg = MixedConditioningConfig()
-    assert cfg.probabilities() == (0.2375, 0.2375, 0.2375, 0.2375, 0.05)
+    assert cfg.probabilities() == (0.25, 0.2, 0.2, 0.225, 0.025, 0.025, 0.025, 0.05)
     a = sample_conditioning(jax.random.key(0), 64)
     b = sample_conditioning(jax.random.key(0), 64)
     c = sample_conditioning(jax.random.key(1), 64)
@@ -428,19 +441,77 @@ def test_mixed_conditioning_default_deterministic_and_applied():
         apply_conditioning(s, ctx, empty, landmarks=lmk)
 
 
+def test_draw_condition_equals_the_keyword_call():
+    """draw_condition + predict == FaceCrafter(x, t, ctx, landmarks=zeroed, landmark_mask=...)."""
+    model = _model(3)
+    x, ctx, lmk, emo = _inputs(4, batch=5)
+    empty = ctx[0] * 0.5
+    s = sample_conditioning(jax.random.key(0), 5)._replace(
+        setup=jnp.array([0, 1, 2, 3, 4]), id_null=jnp.array([0, 0, 0, 0, 1.0]),
+        masks={"landmark": jnp.array([0, 1, 0, 1, 1.0]), "emotion": jnp.array([0, 0, 1, 1, 1.0])},
+        nulls={"landmark": jnp.array([0, 0, 0, 0, 1.0]), "emotion": jnp.array([0, 0, 0, 0, 1.0])})
+    t = jnp.asarray([7, 100, 300, 640, 900])
+    cond = draw_condition(model, s, ctx, empty, {"landmark": lmk, "emotion": emo})
+    assert set(cond.controls) == {"landmark", "emotion"}
+    got = nnx.jit(lambda m, x, t, c: m.predict(x, t, c))(model, x, t, cond)
+    context, kw = apply_conditioning(s, ctx, empty, landmarks=lmk, emotion=emo)
+    want = _run(model, x, t, context, kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)  # eager vs jitted token encoding
+    # the all-null sample ran both branches on their null tokens: encoder(zeros)
+    np.testing.assert_allclose(np.asarray(cond.controls["landmark"][0][4]),
+                               np.asarray(model.encoder("landmark")(null_input("landmark", 1))[0]), atol=1e-5)
+
+
+def test_setup_conditions_uniform_structure_and_semantics():
+    """Every setup gets the same controls (so they concatenate); given / null / off have the documented tokens and
+    weights, and each condition's prediction equals the keyword API's."""
+    model = _model(4)
+    x, ctx, lmk, emo = _inputs(5, batch=2)
+    empty = ctx[:1] * 0.5
+    setups = [Setup(identity=False), Setup(absent="switched_off"), Setup(controls=("landmark",))]
+    conds = setup_conditions(model, setups, ctx, empty, inputs={"landmark": lmk}, weights={"landmark": 0.7})
+    assert [set(c.controls) for c in conds] == [{"landmark", "emotion"}] * 3
+    null_l = model.encoder("landmark")(null_input("landmark"))
+    np.testing.assert_array_equal(np.asarray(conds[0].context), np.asarray(empty))
+    np.testing.assert_array_equal(np.asarray(conds[0].controls["landmark"][0]), np.asarray(null_l))
+    assert float(conds[0].controls["emotion"][1][0]) == 1.0  # null tokens, branch on
+    assert float(conds[1].controls["landmark"][1][0]) == 0.0  # absent = off: weight 0
+    np.testing.assert_allclose(np.asarray(conds[2].controls["landmark"][1]), [0.7])
+    zeros_l, zeros_e = jnp.zeros_like(lmk), jnp.zeros((2, 10))
+    refs = [_run(model, x, T, jnp.broadcast_to(empty, ctx.shape), {"landmarks": zeros_l, "emotion": zeros_e}),
+            _run(model, x, T, ctx, {"landmark_mask": jnp.zeros(2), "emotion_mask": jnp.zeros(2)}),
+            _run(model, x, T, ctx, {"landmarks": lmk, "landmark_scale": 0.7})]  # emotion absent: null tokens
+    for c, ref in zip(conds, refs):
+        c = c._replace(context=jnp.broadcast_to(c.context, ctx.shape),
+                       controls={k: (jnp.broadcast_to(tok, (2,) + tok.shape[1:]), jnp.broadcast_to(w, (2,)))
+                                 for k, (tok, w) in c.controls.items()})
+        np.testing.assert_allclose(np.asarray(model.predict(x, T, c)), np.asarray(ref), atol=2e-6)
+    with pytest.raises(ValueError, match="no input was passed"):
+        setup_conditions(model, [Setup(controls=("emotion",))], ctx, empty)
+    with pytest.raises(ValueError, match="absent must be one of"):
+        Setup(absent="maybe")
+
+
 def test_mixed_conditioning_config_errors_and_single_stage():
     with pytest.raises(ValueError, match="sum to 1"):
         MixedConditioningConfig(all_null=0.2)
-    with pytest.raises(ValueError, match="id_emotion"):
+    with pytest.raises(ValueError, match="id_landmark_emotion"):
         MixedConditioningConfig(controls=("landmark",))
     with pytest.raises(ValueError, match="unknown mixed-conditioning config key"):
         MixedConditioningConfig.from_dict({"drop_rate": 0.1})
+    with pytest.raises(ValueError, match="absent must be one of"):
+        MixedConditioningConfig(absent="skip")
+    # a section that gives probabilities gives all non-zero ones: the setups it leaves out get 0
+    part = MixedConditioningConfig.from_dict({"id_only": 0.5, "id_landmark": 0.5, "controls": ("landmark",)})
+    assert part.probabilities() == (0.0, 0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0)
     single = MixedConditioningConfig.single("landmark")
+    assert single.probabilities() == pytest.approx((0.0, 0.45, 0.0, 0.4, 0.0, 0.1, 0.0, 0.05))
     s = sample_conditioning(jax.random.key(0), 4000, single)
     assert set(s.masks) == {"landmark"}
     setup = np.asarray(s.setup)
-    assert set(np.unique(setup)) <= {0, 1, 4}
-    assert abs((setup == 1).mean() - 0.475) < 0.04
+    names = list(SETUPS)
+    assert set(np.unique(setup)) <= {names.index(n) for n in ("id_landmark", "id_only", "landmark_only", "all_null")}
+    assert abs((setup == names.index("id_landmark")).mean() - 0.45) < 0.04
 
 
 def test_bf16_compute_keeps_float32_params_and_stats():

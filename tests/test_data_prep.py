@@ -20,10 +20,10 @@ from PIL import Image
 import skimage.data
 import skimage.transform
 
-from data_prep.align import ARCFACE_TEMPLATE_112, ffhq_template, umeyama, warp_affine
-from data_prep.extract import emonet_template
-from data_prep.images import SkipImage, load_image
-from data_prep.landmarks import head_pose_from_matrix, rotation_from_head_pose
+from facecrafter_jax.face.align import ARCFACE_TEMPLATE_112, ffhq_template, umeyama, warp_affine
+from facecrafter_jax.face.emotion import emonet_template
+from facecrafter_jax.face.images import SkipImage, load_image
+from facecrafter_jax.face.geometry import head_pose_from_matrix, rotation_from_pose
 from data_prep.manifest import Manifest
 from emonet_reference import random_checkpoint
 
@@ -376,7 +376,7 @@ def test_umeyama_and_head_pose_closed_form():
     np.testing.assert_allclose(m[:2, :2], s * rot, atol=1e-10)
     np.testing.assert_allclose(m[:2, 2], t, atol=1e-9)
     for yaw, pitch, roll in [(20, -10, 5), (-35, 25, -12), (0, 0, 0), (60, 5, 30)]:
-        r = rotation_from_head_pose(yaw, pitch, roll)
+        r = rotation_from_pose([yaw, pitch, roll])
         mat = np.eye(4)
         mat[:3, :3] = 1.3 * r  # a uniform scale does not change the angles
         np.testing.assert_allclose(head_pose_from_matrix(mat), [yaw, pitch, roll], atol=1e-4)
@@ -384,22 +384,22 @@ def test_umeyama_and_head_pose_closed_form():
         f = np.diag([-1.0, 1.0, 1.0])
         np.testing.assert_allclose(head_pose_from_matrix(f @ r @ f), [-yaw, pitch, -roll], atol=1e-4)
     # yaw > 0 turns the face normal (+z) towards +x (image right)
-    assert rotation_from_head_pose(30, 0, 0)[0, 2] > 0
+    assert rotation_from_pose([30, 0, 0])[0, 2] > 0
 
 
-def test_clear_errors_for_bad_models_and_paths(tmp_path, shared_models):
+def test_clear_errors_for_bad_models_and_paths(tmp_path, shared_models, capsys):
     from diffusers import AutoencoderKL
 
     from data_prep.__main__ import main
-    from data_prep.arcface import ArcFaceONNX
+    from facecrafter_jax.face.arcface import ArcFaceONNX
     from data_prep.models import LatentModel
 
     (tmp_path / "imgs").mkdir()
     args = ["run", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"),
             "--landmarker", str(shared_models / "face_landmarker.task"), "--arcface", str(tmp_path / "missing.onnx"),
             "--emonet", str(tmp_path / "e.pth"), "--vae", str(tmp_path / "vae")]
-    with pytest.raises(FileNotFoundError, match="--arcface"):
-        main(args)
+    assert main(args) == 2  # one line, exit status 2 (facecrafter_jax.errors.run_cli)
+    assert capsys.readouterr().err == f"error: --arcface: file not found: {tmp_path / 'missing.onnx'}\n"
     with pytest.raises(SystemExit):
         main(args + ["--batch-size", "0"])
 
@@ -416,3 +416,20 @@ def test_clear_errors_for_bad_models_and_paths(tmp_path, shared_models):
                   block_out_channels=(32, 32, 32), layers_per_block=1, norm_num_groups=32).save_pretrained(tmp_path / "vae4")
     with pytest.raises(ValueError, match="downsamples by 4"):
         LatentModel(str(tmp_path / "vae4"), 64, 2)
+
+
+def test_identity_csv(tmp_path):
+    from data_prep.identities import read_identity_csv
+
+    ids = ["a/1.jpg", "a/2.jpg", "b/x.png"]
+    f = tmp_path / "ids.csv"
+    f.write_text("path,identity\na/1.jpg,alice\n./a/2.jpg, alice\nb/x.png,bob\n")
+    assert read_identity_csv(f, ids) == {"a/1.jpg": "alice", "a/2.jpg": "alice", "b/x.png": "bob"}
+    with pytest.raises(ValueError, match="no identity for 1 image"):
+        read_identity_csv(f, ids + ["c.jpg"])
+    f.write_text("file,person\na/1.jpg,alice\n")
+    with pytest.raises(ValueError, match="'identity' column"):
+        read_identity_csv(f, ids[:1])
+    f.write_text("image,identity\na/1.jpg,alice\na/1.jpg,bob\n")
+    with pytest.raises(ValueError, match="two identities"):
+        read_identity_csv(f, ids[:1])

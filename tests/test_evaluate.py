@@ -1,4 +1,4 @@
-"""The evaluation CLI (facecrafter_jax.evaluate) end to end.
+"""The evaluation CLI (facecrafter_jax.evaluation) end to end.
 
 * Real analysers on real photos (skimage astronaut, a mirrored and rotated copies, a face-less coffee cup) with
   the real MediaPipe landmarker, a random stand-in ArcFace ONNX exported here and a random EmoNet checkpoint.
@@ -22,8 +22,12 @@ import skimage.data
 import torch
 from PIL import Image
 
-from facecrafter_jax import evaluate as ev
 from facecrafter_jax import metrics as M
+from facecrafter_jax.evaluation import analysers as ev_analysers
+from facecrafter_jax.evaluation import cli as ev
+from facecrafter_jax.evaluation.evaluate import METRIC_COLUMNS
+from facecrafter_jax.evaluation.real import RealAnalysers
+from facecrafter_jax.face.vocabulary import EMOTION_CLASSES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP = 256  # resolution of the "generated" aligned crop
@@ -50,7 +54,7 @@ class Reference:
         import onnxruntime as ort
 
         from data_prep.extract import ExtractSettings, FaceExtractor
-        from data_prep.landmarks import FaceLandmarker
+        from facecrafter_jax.face.landmarker import FaceLandmarker
 
         self.fx = FaceExtractor(landmarker, ExtractSettings(resolution=CROP, min_side=32))
         self.lmk = FaceLandmarker(landmarker)
@@ -85,7 +89,8 @@ class Reference:
 
     def detect(self, path):
         """Largest face of the image as the landmarker returns it: (landmarks [478, 3], pose [3])."""
-        from data_prep.landmarks import head_pose_from_matrix, select_largest_face
+        from facecrafter_jax.face.geometry import head_pose_from_matrix
+        from facecrafter_jax.face.landmarker import select_largest_face
 
         img = np.asarray(Image.open(path).convert("RGB"))
         faces = self.lmk.detect(img)
@@ -172,12 +177,12 @@ def _set(report, name):
 # ------------------------------------------------------------------------------------------ real analysers
 def test_report_structure(world):
     r = world["report"]
-    assert r["tool"] == "facecrafter_jax.evaluate"
+    assert r["tool"] == "facecrafter_jax.evaluation"
     assert [s["name"] for s in r["sets"]] == ["astro", "mix", "aligned"]
     assert r["analysers"]["backend"] == "real"
     assert set(r["analysers"]["capabilities"]) == {"identity", "landmarks", "emotion", "reference_landmarks"}
     for s in r["sets"]:
-        assert set(s["metrics"]) <= set(ev.METRIC_COLUMNS)
+        assert set(s["metrics"]) <= set(METRIC_COLUMNS)
         assert len(s["images"]) == s["num_images"]
     astro = _set(r, "astro")
     assert astro["num_images"] == 3 and astro["no_face"] == 1 and astro["no_face_files"] == ["0002.png"]
@@ -233,7 +238,7 @@ def test_astronaut_against_herself(world):
     # emotion against the PyTorch EmoNet reference on data_prep's crops (target: happy, v 0.5, a -0.2)
     emo = [ref.emotion(d / f) for f in ("0000.png", "0001.png")]
     for k, (p, v, a) in enumerate(emo):
-        assert astro["images"][k]["emotion"] == ev.EMOTION_CLASSES[int(np.argmax(p))]
+        assert astro["images"][k]["emotion"] == EMOTION_CLASSES[int(np.argmax(p))]
         assert astro["images"][k]["valence"] == pytest.approx(v, abs=1e-4)
     assert m["emo_acc"] == pytest.approx(np.mean([np.argmax(p) == 1 for p, _, _ in emo]))
     assert m["val_mae"] == pytest.approx(np.mean([abs(v - 0.5) for _, v, _ in emo]), abs=1e-4)
@@ -255,9 +260,9 @@ def test_id_only_diversity_and_frechet(world):
     assert m["div_yaw"] == pytest.approx((poses["id1"][:, 0].std() + 0.0) / 2, abs=1e-3)
 
     def rot(p):
-        from data_prep.landmarks import rotation_from_head_pose
+        from facecrafter_jax.face.geometry import rotation_from_pose
 
-        return rotation_from_head_pose(*p)
+        return rotation_from_pose(p)
 
     pair = [np.degrees(np.arccos(np.clip((np.trace(rot(poses["id1"][i]).T @ rot(poses["id1"][j])) - 1) / 2, -1, 1)))
             for i, j in ((0, 1), (0, 2), (1, 2))]
@@ -282,7 +287,7 @@ def test_id_only_diversity_and_frechet(world):
 
 def test_landmark_target_from_photo_uses_the_aligned_crop(world):
     ref = world["ref"]
-    analysers = ev.RealAnalysers(world["paths"]["landmarker"])
+    analysers = RealAnalysers(world["paths"]["landmarker"])
     try:
         photo = np.asarray(Image.open(world["photos"] / "astronaut.png").convert("RGB"))
         lm, pose = analysers.reference_landmarks(photo, CROP)
@@ -310,13 +315,13 @@ def test_landmark_target_from_photo_uses_the_aligned_crop(world):
 
 def test_help_and_cli_subprocess(world, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    h = subprocess.run([sys.executable, "-m", "facecrafter_jax.evaluate", "--help"], capture_output=True, text=True,
+    h = subprocess.run([sys.executable, "-m", "facecrafter_jax.evaluation", "--help"], capture_output=True, text=True,
                        cwd=REPO, env=env, timeout=120)
     assert h.returncode == 0
     for flag in ("--samples", "--out", "--analysers", "--landmarker", "--arcface", "--emonet", "--analyser-option",
                  "--batch-size", "--id-target", "--id-threshold", "--reference", "samples.json", "controls.landmarks"):
         assert flag in h.stdout, flag
-    e = subprocess.run([sys.executable, "-m", "facecrafter_jax.evaluate", "--samples", str(tmp_path / "nope"),
+    e = subprocess.run([sys.executable, "-m", "facecrafter_jax.evaluation", "--samples", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "r")], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert e.returncode == 2 and e.stderr.count("\n") == 1 and e.stderr.startswith("error: --samples")
     assert "no such directory" in e.stderr
@@ -328,7 +333,7 @@ BASE[33, :2], BASE[263, :2] = (0.35, 0.45), (0.65, 0.45)
 E0 = np.eye(512)[0]
 
 
-class FakeAnalysers(ev.Analysers):
+class FakeAnalysers(ev_analysers.Analysers):
     """Closed-form outputs from the grey level g = mean pixel / 255 of a uniform image (g = 0: no face)."""
 
     name = "fake"
@@ -383,7 +388,7 @@ def test_fake_backend_closed_form(tmp_path, how):
                                           "emotion": {"index": 4, "valence": 0.0, "arousal": 0.0}})
     _fake_set(tmp_path / "free", [64, 128, 128, 0], None)
     if how == "registered":
-        ev.register_backend("fake-test", build_fake, help="test")
+        ev_analysers.register_backend("fake-test", build_fake, help="test")
         name = "fake-test"
     else:
         name = "test_evaluate:build_fake"

@@ -14,9 +14,11 @@ from flax import nnx
 
 from facecrafter_jax import torch_facecrafter as tfc
 from facecrafter_jax.convert.cli import main
-from facecrafter_jax.models import control, facecrafter as fcm
+from facecrafter_jax.convert import adapters as fca
+from facecrafter_jax.convert.adapters import adapter_key_map, load_adapter_state
+from facecrafter_jax.models import control
 from facecrafter_jax.models.control import FROZEN, AdapterParam
-from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig, adapter_key_map, load_adapter_state
+from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
 from facecrafter_jax.pretrained import load_pretrained, save_pretrained
 from tiny_models import tiny_unet
 
@@ -128,18 +130,26 @@ def test_exported_pytorch_model_matches_flax(exported):
         "all_on": dict(masks={}, scales={}),
         "mixed": dict(masks={"landmark": [1.0, 0.0], "emotion": [0.0, 1.0]}, scales={"landmark": [0.5, 2.0], "emotion": 1.5}),
         "all_off": dict(masks={"landmark": [0.0, 0.0], "emotion": [0.0, 0.0]}, scales={}),
+        # absent controls run on their null tokens (the zero input, branch on); off is explicit (scale 0)
+        "emotion_absent": dict(masks={}, scales={}, given=("landmark",)),
+        "none_given": dict(masks={}, scales={}, given=()),
+        "emotion_off": dict(masks={}, scales={"emotion": 0.0}, given=("landmark",)),
     }
     errors = {}
     outs = {}
     for name, case in cases.items():
+        given = case.get("given", ("landmark", "emotion"))
         with torch.no_grad():
-            controls = tfc.encode_controls(encoders, landmarks=torch.tensor(lmk), emotion=torch.tensor(emo),
+            controls = tfc.encode_controls(encoders, landmarks=torch.tensor(lmk) if "landmark" in given else None,
+                                           emotion=torch.tensor(emo) if "emotion" in given else None,
                                            masks={k: torch.tensor(v) for k, v in case["masks"].items()},
                                            scales={k: torch.tensor(v) if isinstance(v, list) else v
-                                                   for k, v in case["scales"].items()})
+                                                   for k, v in case["scales"].items()}, batch_size=2)
+            assert set(controls) == {"landmark", "emotion"}  # every loaded control runs
             want = unet(torch.tensor(x), torch.tensor(t), torch.tensor(ctx),
                         cross_attention_kwargs={"controls": controls}).sample.numpy()
-        kw = {"landmarks": jnp.asarray(lmk), "emotion": jnp.asarray(emo)}
+        kw = {"landmarks": jnp.asarray(lmk if "landmark" in given else np.zeros_like(lmk)),
+              "emotion": jnp.asarray(emo if "emotion" in given else np.zeros_like(emo))}
         kw.update({f"{k}_mask": jnp.asarray(v) for k, v in case["masks"].items()})
         kw.update({f"{k}_scale": jnp.asarray(v) for k, v in case["scales"].items()})
         got = nhwc_to_nchw(run(model, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t), jnp.asarray(ctx), kw))
@@ -151,6 +161,13 @@ def test_exported_pytorch_model_matches_flax(exported):
     assert np.abs(outs["all_off"] - stock).max() < 1e-6  # all-off is the stock diffusers UNet
     # Mixed: sample 0 has no emotion, sample 1 no landmark -> each differs from all-on.
     assert np.abs(outs["mixed"] - outs["all_on"]).reshape(2, -1).max(1).min() > 1e-3
+    # The null tokens are not "off": an absent emotion differs from a switched-off one.
+    assert np.abs(outs["emotion_absent"] - outs["emotion_off"]).max() > 1e-3
+    assert np.abs(outs["none_given"] - stock).max() > 1e-3
+    with pytest.raises(ValueError, match="pass batch_size"):
+        tfc.encode_controls(encoders)
+    with pytest.raises(ValueError, match="different batch sizes"):
+        tfc.encode_controls(encoders, landmarks=torch.tensor(lmk), emotion=torch.tensor(emo[:1]))
 
     # Attribute route (pipelines that drop cross_attention_kwargs) == keyword route.
     with torch.no_grad():
@@ -211,7 +228,7 @@ def test_to_diffusers_without_adapters_writes_no_adapter_files(exported):
 def test_torch_and_flax_constants_agree():
     assert tfc.CONTROL_INPUT_DIMS == control.CONTROL_INPUT_DIMS and tfc.LAYER_NORM_EPS == control.LAYER_NORM_EPS
     assert (tfc.ADAPTERS_FILE, tfc.ADAPTERS_CONFIG_FILE, tfc.ADAPTERS_FORMAT) == \
-           (fcm.ADAPTERS_FILE, fcm.ADAPTERS_CONFIG_FILE, fcm.ADAPTERS_FORMAT)
+           (fca.ADAPTERS_FILE, fca.ADAPTERS_CONFIG_FILE, fca.ADAPTERS_FORMAT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +256,9 @@ def test_params_report_matches_closed_form(capsys):
     # SD1.5: 16 cross-attention layers of widths 320 x 5, 640 x 5, 1280 x 6; K and V of 768 -> width.
     kv = 2 * 768 * (320 * 5 + 640 * 5 + 1280 * 6)
     assert kv == 19_169_280
-    lmk, emo = _encoder_params(478 * 3, 1024, 4), _encoder_params(10, 512, 4)
+    # default encoder widths: integer multiples of the inputs (1 x 1434, 51 x 10) for the IP-Adapter export
+    assert (FaceCrafterConfig().landmark_hidden_dim, FaceCrafterConfig().emotion_hidden_dim) == (1434, 510)
+    lmk, emo = _encoder_params(478 * 3, 1434, 4), _encoder_params(10, 510, 4)
     trainable = 2 * kv + lmk + emo
     assert got["frozen (UNet, nnx.Param)"] == 859_520_964
     assert got["landmark K/V (16 layers)"] == got["emotion K/V (16 layers)"] == kv
@@ -267,3 +286,17 @@ def test_params_report_on_a_unet_folder_and_errors(exported, capsys):
     assert "--unet-config" in capsys.readouterr().err
     assert main(["params", "--controls", "pose"]) == 2
     assert "unknown control" in capsys.readouterr().err
+
+
+def test_runs_on_old_default_widths_still_export():
+    """A run whose config left the encoder widths at the defaults of its time (1024 / 512) keeps them."""
+    from facecrafter_jax.train.export import _fill_encoder_widths
+
+    config = {"model": {"facecrafter": {"landmark_tokens": 4}}}
+    values = {"facecrafter.landmark_encoder.proj_in.kernel": np.zeros((1434, 1024), np.float32),
+              "facecrafter.emotion_encoder.proj_in.kernel": np.zeros((10, 512), np.float32)}
+    _fill_encoder_widths(config, values)
+    assert config["model"]["facecrafter"] == {"landmark_tokens": 4, "landmark_hidden_dim": 1024, "emotion_hidden_dim": 512}
+    explicit = {"model": {"facecrafter": {"landmark_hidden_dim": 256}}}
+    _fill_encoder_widths(explicit, {"facecrafter.landmark_encoder.proj_in.kernel": np.zeros((1434, 256))})
+    assert explicit["model"]["facecrafter"] == {"landmark_hidden_dim": 256}

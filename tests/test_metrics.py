@@ -8,6 +8,7 @@ import scipy.linalg
 from scipy.spatial.transform import Rotation
 
 from facecrafter_jax import metrics as M
+from facecrafter_jax.face.geometry import rotation_from_pose
 
 
 def _face(rng, n=1):
@@ -150,13 +151,16 @@ def test_expression_nme_ignores_similarity_and_matches_skimage():
 
 
 # ------------------------------------------------------------------------------------------ head pose
-def test_rotation_convention_matches_data_prep():
-    from data_prep.landmarks import head_pose_from_matrix, rotation_from_head_pose
+def test_rotation_convention_is_rz_ry_rx():
+    """R = Rz(roll) Ry(yaw) Rx(pitch): scipy's intrinsic "ZYX" Euler angles; head_pose_from_matrix inverts it."""
+    from facecrafter_jax.face.geometry import head_pose_from_matrix
 
     poses = np.array([[0.0, 0.0, 0.0], [30.0, -10.0, 5.0], [-60.0, 20.0, -45.0], [10.0, 80.0, 170.0]])
-    r = M.rotation_from_pose(poses)
+    r = rotation_from_pose(poses)
     for p, ri in zip(poses, r):
-        np.testing.assert_allclose(ri, rotation_from_head_pose(*p), atol=1e-12)
+        want = Rotation.from_euler("ZYX", [p[2], p[0], p[1]], degrees=True).as_matrix()
+        np.testing.assert_allclose(ri, want, atol=1e-12)
+        np.testing.assert_allclose(rotation_from_pose(p), want, atol=1e-12)
         np.testing.assert_allclose(head_pose_from_matrix(ri), p, atol=1e-4)
 
 
@@ -182,7 +186,7 @@ def test_pose_errors_closed_form():
     np.testing.assert_allclose(e["geodesic"], [0.0, 12.0, 2.0], atol=1e-6)  # pure yaw change = its angle
     np.testing.assert_allclose(e["mean"], [0.0, 4.0, 2.0 / 3.0], atol=1e-9)
     mixed = M.pose_errors([[20.0, 15.0, 5.0]], [0.0, 0.0, 0.0])
-    ref = np.rad2deg(Rotation.from_matrix(M.rotation_from_pose([[20.0, 15.0, 5.0]])[0]).magnitude())
+    ref = np.rad2deg(Rotation.from_matrix(rotation_from_pose([[20.0, 15.0, 5.0]])[0]).magnitude())
     assert mixed["geodesic"][0] == pytest.approx(ref, abs=1e-6)
     assert mixed["mean"][0] == pytest.approx(40.0 / 3.0)
 

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from facecrafter_jax.data import pipeline as P
+from facecrafter_jax.data import identities as I
 from facecrafter_jax.data import records as R
 
 RES = 64
@@ -290,3 +291,64 @@ def test_real_two_process_checkpoint_restore(dataset, tmp_path):
     first = [set(i for b in r["ids"] for i in b) for r in res]  # 8 x 10 < 115 records: all in epoch 1
     assert all(len(b) == 10 for r in res for b in r["ids"])
     assert not first[0] & first[1]
+
+
+# ------------------------------------------------------------------------------------------ identity from another photo
+@pytest.fixture(scope="module")
+def people(tmp_path_factory):
+    """60 records: person k has k % 4 + 1 photos in folder p{k}/ (so some identities have a single photo)."""
+    d = tmp_path_factory.mktemp("people")
+    image_ids = [f"p{k:02d}/{j}.png" for k in range(24) for j in range(k % 4 + 1)]
+    with R.RecordWriter(d, resolution=RES, shard_size=25) as w:
+        for i, image_id in enumerate(image_ids):
+            w.write(R.synthetic_record(np.random.default_rng([9, i]), RES, image_id=image_id))
+    return d, {r["image_id"]: r["arcface"] for r in R.iter_records(d)}
+
+
+def _sources(batches, arcface):
+    """For every sample: (its image_id, the image_id whose arcface it carries)."""
+    by_vec = {v.tobytes(): k for k, v in arcface.items()}
+    return [(i, by_vec[np.asarray(b["arcface"][j]).tobytes()]) for b in batches for j, i in enumerate(_ids(b))]
+
+
+def test_other_photo_draws_only_same_identity_and_is_deterministic(people):
+    d, arcface = people
+    kw = dict(global_batch_size=12, seed=3, num_epochs=3, sharding=None, fields=("image_id", "arcface"))
+    pairs = _sources(list(P.make_pipeline(d, other_photo_identity=1.0, **kw)), arcface)
+    again = _sources(list(P.make_pipeline(d, other_photo_identity=1.0, **kw)), arcface)
+    assert pairs == again  # the same seed gives the same draws
+    sizes = {}
+    for i in arcface:
+        sizes[os.path.dirname(i)] = sizes.get(os.path.dirname(i), 0) + 1
+    for own, src in pairs:
+        assert os.path.dirname(src) == os.path.dirname(own)  # only the same identity
+        assert (src != own) == (sizes[os.path.dirname(own)] > 1)  # p = 1: another photo whenever there is one
+    # independent of the process layout: two processes' slices give the same draws for the same positions
+    split = [_sources(list(P.make_pipeline(d, other_photo_identity=1.0, process_index=p, process_count=2, **kw)),
+                      arcface) for p in range(2)]
+    assert sorted(split[0] + split[1]) == sorted(pairs)
+    # p = 0.5: about half of the samples that could switch do (binomial, 5 sigma)
+    half = _sources(list(P.make_pipeline(d, other_photo_identity=0.5, **kw)), arcface)
+    can = [(o, s) for o, s in half if sizes[os.path.dirname(o)] > 1]
+    frac = np.mean([o != s for o, s in can])
+    assert abs(frac - 0.5) < 5 * np.sqrt(0.25 / len(can))
+    # p = 0: every record keeps its own, and the order equals the plain pipeline's
+    own = _sources(list(P.make_pipeline(d, **kw)), arcface)
+    assert all(o == s for o, s in own) and [o for o, _ in own] == [o for o, _ in pairs]
+
+
+def test_identity_labels_from_file_override_folders(people, tmp_path):
+    d, arcface = people
+    assert I.read_identity_labels(d)[:3] == ["p00", "p01", "p01"]
+    ids = R.read_image_ids(d)
+    I.write_identity_labels(d, {i: "everyone" for i in ids})
+    try:
+        assert set(I.read_identity_labels(d)) == {"everyone"}
+        pairs = _sources(list(P.make_pipeline(d, other_photo_identity=1.0, global_batch_size=12, seed=1, num_epochs=1,
+                                              sharding=None, fields=("image_id", "arcface"))), arcface)
+        assert all(o != s for o, s in pairs) and len({os.path.dirname(s) for _, s in pairs}) > 1
+        I.write_identity_labels(d, {i: "x" for i in ids[:-1]})
+        with pytest.raises(R.RecordError, match="no identity for 1 record"):
+            I.read_identity_labels(d)
+    finally:
+        (d / I.IDENTITIES_FILE).unlink()

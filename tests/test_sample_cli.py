@@ -1,6 +1,5 @@
 """sample.py: end-to-end run on a tiny converted checkpoint, its outputs, and every input error."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,12 +12,10 @@ import torch
 from PIL import Image
 
 from facecrafter_jax.convert.cli import main as convert_main
+from facecrafter_jax.sampling import cli as sample
 from tiny_models import tiny_clip, tiny_unet, tiny_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(REPO, "sample.py"))
-sample = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sample)
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +87,8 @@ def test_help_documents_every_flag(capsys):
                  "--batch-size", "--steps", "--scheduler", "--scheduler-config", "--guidance-id", "--seed",
                  "--height", "--width", "--out", "--overwrite", "--dtype", "--landmarks-from", "--landmarks",
                  "--emotion", "--valence", "--arousal", "--guidance-control", "--landmark-scale", "--emotion-scale",
-                 "--null-controls"):
+                 "--absent-controls"):
         assert flag in text, flag
-    from facecrafter_jax.sampling import SCHEDULERS
-    from facecrafter_jax.models.emonet import EMOTION_CLASSES_8
-
-    assert tuple(sample.SCHEDULER_NAMES) == tuple(SCHEDULERS)
-    from facecrafter_jax.sampling import NULL_CONTROL_MODES
-
-    assert tuple(sample.NULL_CONTROL_MODES) == tuple(NULL_CONTROL_MODES)
-    assert sample._emotions() == tuple(EMOTION_CLASSES_8)
 
 
 def test_outputs_and_samples_json(env, run3):
@@ -149,7 +138,7 @@ def test_images_equal_the_pipeline_and_do_not_depend_on_batch_size(env, run3):
 
 
 def test_id_image_embedding_is_data_prep_arcface_of_the_aligned_face(env):
-    from data_prep.arcface import ArcFaceONNX
+    from facecrafter_jax.face.arcface import ArcFaceONNX
     from data_prep.extract import ExtractSettings, FaceExtractor
 
     emb, info = sample.embed_id_image(str(env["dir"] / "astronaut.png"), env["landmarker"], env["arcface"])
@@ -227,7 +216,7 @@ def test_input_errors(env, tmp_path, capsys, no_models):
         (base_args(env, out, "--landmarks-from", str(d / "astronaut.png"), "--landmarker", env["landmarker"]),
          "has no landmark module"),
         (base_args(env, out, "--guidance-control", "2"), "--guidance-control needs a control"),
-        (base_args(env, out, "--null-controls", "tokens"), "--null-controls tokens: checkpoint"),
+        (base_args(env, out, "--absent-controls", "tokens"), "--absent-controls: invalid choice"),
         (fc_args(env, out, "--landmark-scale", "0.5", "--emotion", "sad"), "--landmark-scale needs --landmarks"),
         (fc_args(env, out, "--emotion-scale", "0.5", "--landmarks", str(d / "lm.npy")), "--emotion-scale needs --emotion"),
         (fc_args(env, out, "--emotion", "sad", "--emotion-scale", "nan"), "--emotion-scale nan: must be a finite"),
@@ -269,7 +258,8 @@ def test_controls_end_to_end(env, run3):
     """--landmarks NPY --emotion happy on a checkpoint with adapters: images equal FaceCrafterPipeline called
     directly with the same inputs, differ from the ID-only run, and samples.json records every control input."""
     from facecrafter_jax.pretrained import load_pretrained
-    from facecrafter_jax.sampling import FaceCrafterPipeline, emotion_vector
+    from facecrafter_jax.face.vocabulary import emotion_vector
+    from facecrafter_jax.sampling import FaceCrafterPipeline
 
     out = env["dir"] / "out_fc"
     argv = fc_args(env, out, "--num-images", "2", "--batch-size", "2", "--seed", "5", "--landmarks",
@@ -302,11 +292,11 @@ def test_controls_end_to_end(env, run3):
     assert (e["valence"], e["arousal"]) == (float(vec[8]), float(vec[9]))
     assert c["scales"] == {"landmark": 0.8, "emotion": 1.0}
     s = meta["settings"]
-    assert (s["guidance_id"], s["guidance_control"], s["guidance_control_used"], s["null_controls"]) == (3.0, 2.0, 2.0, "auto")
+    assert (s["guidance_id"], s["guidance_control"], s["guidance_control_used"], s["absent_controls"]) == (3.0, 2.0, 2.0, "null_tokens")
     assert s["null_branch"].startswith("empty prompt + control branches on their null tokens")
 
     # evaluate.py reads these targets (landmarks from the file written next to the images)
-    from facecrafter_jax.evaluate import load_sample_set
+    from facecrafter_jax.sample_set import load_sample_set
 
     items = load_sample_set(str(out)).items
     assert [it.landmarks["path"] for it in items] == [str(out / "landmarks.npy")] * 2
@@ -355,7 +345,7 @@ def test_per_image_landmarks_and_landmarks_from_photo(env):
     out2 = d / "out_fc_photo"
     assert sample.main(fc_args(env, out2, "--landmarks-from", str(d / "astronaut.png"), "--landmarker",
                                env["landmarker"], "--valence", "-0.65", "--arousal", "0.75", "--num-images", "1",
-                               "--guidance-control", "0", "--null-controls", "off")) == 0
+                               "--guidance-control", "0", "--absent-controls", "switched_off")) == 0
     meta = json.loads((out2 / "samples.json").read_text())
     lm = meta["controls"]["landmarks"]
     assert lm["source"] == "image" and lm["path"] == str(d / "astronaut.png") and lm["file"] == "landmarks.npy"
@@ -364,7 +354,7 @@ def test_per_image_landmarks_and_landmarks_from_photo(env):
     np.testing.assert_array_equal(np.load(out2 / "landmarks.npy"), want)
     e = meta["controls"]["emotion"]
     assert e["class_from"] == "nearest valence/arousal" and (e["valence"], e["arousal"]) == (-0.65, 0.75)
-    # g_ctl = 0 with the null branch off is the ID-only (Arc2Face) image: image 0 of the plain run (seed 0)
+    # g_ctl = 0 with absent controls off is the ID-only (Arc2Face) image: image 0 of the plain run (seed 0)
     assert meta["settings"]["null_branch"] == "empty prompt, control branches off"
     plain = d / "out_plain1"
     assert sample.main(base_args(env, plain, "--num-images", "1")) == 0

@@ -12,6 +12,8 @@ as a checkpoint with the ``adapters`` component and exported to diffusers (``to-
   result with the same null branch.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -24,9 +26,9 @@ from facecrafter_jax import tokens
 from facecrafter_jax.convert.cli import main as convert_main
 from facecrafter_jax.models.control import AdapterParam
 from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
+from facecrafter_jax.face.vocabulary import emotion_table, emotion_vector
 from facecrafter_jax.pretrained import load_pretrained, save_pretrained
-from facecrafter_jax.sampling import (Arc2FacePipeline, FaceCrafterPipeline, emotion_table, emotion_vector,
-                                      guidance_branches)
+from facecrafter_jax.sampling import Arc2FacePipeline, FaceCrafterPipeline, guidance_branches
 from tiny_models import arc2face_context_torch, save_tiny_arc2face
 
 ID_DIM = 48  # < the tiny CLIP width 64
@@ -91,40 +93,58 @@ def id_only(env):
 
 
 # ------------------------------------------------------------------------------------------------
-# ID-only == Arc2Face
+# ID-only: null tokens by default, Arc2Face with the branches switched off
 # ------------------------------------------------------------------------------------------------
-def test_no_controls_is_arc2face(env, id_only):
-    np.testing.assert_array_equal(run(env), id_only)
-    # g_ctl = 0 with the null branch off: the control inputs are ignored, Arc2Face's chain e0 + g (e1 - e0)
+def test_absent_controls_off_is_arc2face(env, id_only):
+    np.testing.assert_array_equal(run(env, absent_controls="switched_off"), id_only)
+    # g_ctl = 0 with absent controls off: the control inputs are ignored, Arc2Face's chain e0 + g (e1 - e0)
     np.testing.assert_array_equal(run(env, landmarks=env["lmk"], emotion=env["emo"], guidance_control=0.0,
-                                      null_controls="off"), id_only)
+                                      absent_controls="switched_off"), id_only)
 
 
-def test_masks_off_is_arc2face(env, id_only):
-    """Control branches computed (3 branches, one model call) but weighted 0: equals Arc2Face."""
+def test_scale_zero_adds_nothing(env):
+    """Control branches computed (3 branches, one model call) but weighted 0: the control inputs do not matter."""
     n = len(env["pipe"].compile_log)
-    out = run(env, landmarks=env["lmk"], emotion=env["emo"], guidance_control=2.0, landmark_scale=0.0,
-              emotion_scale=0.0, null_controls="off")
-    assert len(env["pipe"].compile_log) == n + 1 and env["pipe"].compile_log[-1]["branches"] == (0, 1, 2)
-    print(f"masks off vs Arc2Face: max abs diff {np.abs(out - id_only).max():.2e}")
-    assert rel_err(out, id_only) <= LATENT_REL_TOL  # measured 0 here (bit-identical); batch 6 vs 4 could reassociate
+    kw = dict(guidance_control=2.0, landmark_scale=0.0, emotion_scale=0.0)
+    out = run(env, landmarks=env["lmk"], emotion=env["emo"], **kw)
+    assert len(env["pipe"].compile_log) == n + 1 and len(env["pipe"].compile_log[-1]["setups"]) == 3
+    np.testing.assert_array_equal(run(env, landmarks=1.0 - env["lmk"], emotion=env["emo"][::-1].copy(), **kw), out)
+    assert len(env["pipe"].compile_log) == n + 1
 
 
-def test_null_tokens_change_the_unconditional_branch_and_g_ctl_zero_is_id_only(env, id_only):
+def test_id_only_uses_the_null_tokens_and_matches_pytorch(env, id_only):
+    """ID-only sampling of a FaceCrafter model runs its control branches on their null tokens: it differs from
+    the base model and equals the PyTorch export (diffusers UNet + exported processors) within 1e-5."""
     lmk, emo = env["lmk"], env["emo"]
     n = len(env["pipe"].compile_log)
-    id_tokens = run(env, null_controls="tokens")  # ID-only with training's null branch (null tokens on)
-    assert np.abs(id_tokens - id_only).max() > 1e-2  # the learned null tokens matter
-    # g_ctl = 0: the ID-only result with the same null branch (auto = tokens when controls are given)
-    np.testing.assert_array_equal(run(env, landmarks=lmk, emotion=emo, guidance_control=0.0), id_tokens)
-    np.testing.assert_array_equal(run(env, landmarks=lmk, guidance_control=0.0, null_controls="tokens"), id_tokens)
+    ours = run(env)
+    assert np.abs(ours - id_only).max() > 1e-2  # the learned null tokens matter
+    ref = torch_chain(env, 3.0, 3.0)
+    err = rel_err(ours, ref)
+    print(f"ID-only (null tokens) vs PyTorch export: rel err {err:.2e} (max |latent| {np.abs(ref).max():.1f})")
+    assert err <= LATENT_REL_TOL
+    # g_ctl = 0 with controls given: the ID-only result (the control inputs are dropped, same program)
+    np.testing.assert_array_equal(run(env, landmarks=lmk, emotion=emo, guidance_control=0.0), ours)
+    np.testing.assert_array_equal(run(env, landmarks=lmk, guidance_control=0.0), ours)
     assert len(env["pipe"].compile_log) == n + 1  # one program for the three calls
+
+
+def test_zero_initialised_values_id_only_is_the_base(env, id_only):
+    """Adapters whose value projections start at zero add exactly nothing: ID-only sampling with the null tokens
+    equals Arc2Face's."""
+    m = load_pretrained(str(env["root"] / "base"))
+    model = FaceCrafter(m.unet, dataclasses.replace(SMALL, adapter_value_init="zeros"), rngs=nnx.Rngs(1))
+    pipe = FaceCrafterPipeline(model, m.text_encoder, m.vae, scheduler="ddim")
+    out = pipe(env["arc"], num_steps=STEPS, latents=env["noise"], output_type="latent").latents
+    print(f"zero-value adapters, ID-only vs Arc2Face: max abs diff {np.abs(out - id_only).max():.2e}")
+    np.testing.assert_array_equal(out, id_only)
 
 
 # ------------------------------------------------------------------------------------------------
 # The guidance chain against PyTorch (diffusers UNet + exported FaceCrafter processors + DDIMScheduler)
 # ------------------------------------------------------------------------------------------------
-def torch_chain(env, g_id, g_ctl, *, landmarks=None, emotion=None, scales=None, null_tokens=True):
+def torch_chain(env, g_id, g_ctl, *, landmarks=None, emotion=None, scales=None):
+    """Reference sampler: every branch's absent controls on their null tokens (zeros input, mask on)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     from facecrafter_jax import torch_facecrafter as tfc
@@ -139,16 +159,13 @@ def torch_chain(env, g_id, g_ctl, *, landmarks=None, emotion=None, scales=None, 
         empty = tm["text_encoder"](torch.from_numpy(tokens.EMPTY_PROMPT_IDS[None].astype(np.int64))).last_hidden_state
         empty = empty.repeat(B, 1, 1)
         zl, ze = torch.zeros(B, 478, 3), torch.zeros(B, 10)
-        off = {"landmark": torch.zeros(B), "emotion": torch.zeros(B)}
-        on = torch.ones(B) if null_tokens else torch.zeros(B)
-        c0 = tfc.encode_controls(enc, landmarks=zl, emotion=ze, masks={"landmark": on, "emotion": on})
-        c1 = tfc.encode_controls(enc, landmarks=zl, emotion=ze, masks=off)
+        on = {"landmark": torch.ones(B), "emotion": torch.ones(B)}
+        c0 = tfc.encode_controls(enc, landmarks=zl, emotion=ze, masks=on)
+        c1 = tfc.encode_controls(enc, landmarks=zl, emotion=ze, masks=on)
         scales = scales or {}
         c2 = tfc.encode_controls(
             enc, landmarks=zl if landmarks is None else torch.from_numpy(landmarks),
-            emotion=ze if emotion is None else torch.from_numpy(emotion),
-            masks={"landmark": torch.full((B,), float(landmarks is not None)),
-                   "emotion": torch.full((B,), float(emotion is not None))},
+            emotion=ze if emotion is None else torch.from_numpy(emotion), masks=on,
             scales={k: torch.as_tensor(v, dtype=torch.float32) for k, v in scales.items()})
         sched = DDIMScheduler.from_config(S.SD15_SCHEDULER_CONFIG)
         sched.set_timesteps(STEPS)
@@ -166,7 +183,7 @@ def test_chain_with_controls_matches_pytorch(env):
     scales = {"landmark": np.array([1.0, 0.6], np.float32), "emotion": np.array([1.3, 0.8], np.float32)}
     ours = run(env, landmarks=lmk, emotion=emo, guidance_id=3.0, guidance_control=1.7,
                landmark_scale=scales["landmark"], emotion_scale=scales["emotion"])
-    assert env["pipe"].compile_log[-1]["branches"] == (0, 1, 2)
+    assert len(env["pipe"]._setup(env["arc"], lmk, emo, 3.0, 1.7, 1.0, 1.0, "null_tokens")[4]) == 3  # the branches run
     ref = torch_chain(env, 3.0, 1.7, landmarks=lmk, emotion=emo, scales=scales)
     err = rel_err(ours, ref)
     print(f"chain with controls vs PyTorch: rel err {err:.2e} (max |latent| {np.abs(ref).max():.1f})")
@@ -175,7 +192,7 @@ def test_chain_with_controls_matches_pytorch(env):
 
     # default g_ctl = g_id: two branches (e0 + g (e2 - e0)), landmark only, same numbers as the chain
     ours2 = run(env, landmarks=lmk, guidance_id=2.5)
-    assert env["pipe"].compile_log[-1]["branches"] == (0, 2)
+    assert len(env["pipe"]._setup(env["arc"], lmk, None, 2.5, None, 1.0, 1.0, "null_tokens")[4]) == 2
     ref2 = torch_chain(env, 2.5, 2.5, landmarks=lmk)
     print(f"two-branch chain (g_ctl = g_id) vs PyTorch: rel err {rel_err(ours2, ref2):.2e}")
     assert rel_err(ours2, ref2) <= LATENT_REL_TOL
@@ -224,8 +241,8 @@ def test_guidance_branches_closed_form():
 
 
 def test_emotion_vector_table():
-    from facecrafter_jax.data.records import EMOTION_CLASSES
-    from facecrafter_jax.toy.world import VALENCE_AROUSAL, emotion_vectors
+    from facecrafter_jax.face.vocabulary import EMOTION_CLASSES, VALENCE_AROUSAL
+    from facecrafter_jax.toy.world import emotion_vectors
 
     table = emotion_table()
     assert tuple(table) == tuple(EMOTION_CLASSES)
@@ -261,8 +278,8 @@ def test_pipeline_input_errors(env):
         run(env, emotion=np.full(10, np.nan, np.float32))
     with pytest.raises(ValueError, match=r"landmark_scale must be a number or \[2\]"):
         run(env, landmarks=env["lmk"], landmark_scale=np.ones(3))
-    with pytest.raises(ValueError, match="null_controls must be one of"):
-        run(env, null_controls="zero")
+    with pytest.raises(ValueError, match="absent_controls must be one of"):
+        run(env, absent_controls="zero")
     only_arc2face = FaceCrafterPipeline(env["arc2face"].unet, env["arc2face"].text_encoder)
     with pytest.raises(ValueError, match="has no landmark module"):
         only_arc2face(env["arc"], landmarks=env["lmk"], output_type="latent")

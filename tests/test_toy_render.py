@@ -1,6 +1,6 @@
 """Toy face world: canonical mesh, landmark geometry vs pose / expression, renderer, emotions, records.
 
-References: MediaPipe's own bundle and connection lists (mesh and index sets), ``data_prep.landmarks``
+References: MediaPipe's own bundle and connection lists (mesh and index sets), ``facecrafter_jax.face``
 (rotation convention and its inverse), a closed-form Kabsch fit (pose recovered from the landmarks),
 and first principles (an image rendered at 2x and box-downsampled must match the 1x render).
 """
@@ -10,11 +10,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from data_prep.landmarks import head_pose_from_matrix, rotation_from_head_pose
+from facecrafter_jax.face.geometry import head_pose_from_matrix
 from facecrafter_jax.data.records import EMOTION_CLASSES, iter_records, read_dataset_info
 from facecrafter_jax.toy import landmarks as L
 from facecrafter_jax.toy.canonical_mesh import CANONICAL_VERTICES, extract_canonical_mesh
-from facecrafter_jax.toy.render import contact_sheet, face_landmarks, render_faces, save_png
+from facecrafter_jax.image_grid import image_grid, save_png
+from facecrafter_jax.toy.render import face_landmarks, render_faces
 from facecrafter_jax.toy.world import (EMOTION_EXPRESSIONS, VALENCE_AROUSAL, Attributes, ToyWorld, WorldConfig,
                                        emotion_vectors, write_records)
 
@@ -69,7 +70,7 @@ def test_iris_order_matches_mediapipe_on_a_real_photo(shared_models):
     """468 is the iris between 33 and 133; 469/471 are +x/-x and 470/472 up/down in the image (real detector)."""
     import skimage.data
 
-    from data_prep.landmarks import FaceLandmarker
+    from facecrafter_jax.face.landmarker import FaceLandmarker
 
     det = FaceLandmarker(shared_models / "face_landmarker.task")
     try:
@@ -96,15 +97,6 @@ def _params_for(head_pose, expression=None, shape=None):
     p = w.face_params(a)
     return dataclasses.replace(p, shape=np.zeros_like(p.shape) if shape is None else shape,
                                iris_radius=np.full(n, L.IRIS_RADIUS_CM))
-
-
-def test_rotation_convention_matches_data_prep():
-    rng = np.random.default_rng(0)
-    poses = rng.uniform([-60, -40, -30], [60, 40, 30], (20, 3))
-    r = L.rotation_matrices(poses)
-    for k in range(len(poses)):
-        np.testing.assert_allclose(r[k], rotation_from_head_pose(*poses[k]), atol=1e-12)
-        np.testing.assert_allclose(head_pose_from_matrix(r[k]), poses[k], atol=1e-4)
 
 
 def test_pose_recovered_from_landmarks_by_procrustes():
@@ -346,7 +338,7 @@ def test_render_speed_and_contact_sheet(world, tmp_path):
     imgs = world.render(a, batch_size=BS)
     per_image = (time.perf_counter() - t) / len(a)
     assert per_image < 0.1, per_image  # ~5-15 ms on a shared 2-core CPU
-    sheet = contact_sheet(imgs[:6], 3, pad=2)
+    sheet = image_grid(imgs[:6], 3, pad=2)
     assert sheet.shape == (2 * 66 + 2, 3 * 66 + 2, 3)
     np.testing.assert_array_equal(sheet[2:66, 68:132], imgs[1])
     save_png(sheet, tmp_path / "s.png")

@@ -87,7 +87,13 @@ def test_decode_shapes_and_range(images, runs):
     assert -1.6 < raw.min() and raw.max() < 1.6  # about [-1, 1] before clipping
     dec = decode_latents(vae, latents, batch_size=2)
     assert dec.shape == (5, 32, 32, 3) and dec.dtype == np.uint8
-    np.testing.assert_array_equal(dec, np.clip(np.round((raw + 1) * 127.5), 0, 255).astype(np.uint8))
+    # decode_latents is (raw + 1) * 127.5 rounded and clipped; its batches of 2 may differ from one batch of 5 in
+    # the last float bits, which moves a value that sits on a rounding boundary (x.5) by one step, nothing else
+    scaled = (raw + 1) * 127.5
+    expected = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+    on_boundary = np.abs(scaled - np.floor(scaled) - 0.5) < 1e-3
+    np.testing.assert_array_equal(dec[~on_boundary], expected[~on_boundary])
+    assert np.abs(dec.astype(int) - expected.astype(int)).max() <= 1
     # decode(encode) through decode_latents equals reconstruct() (up to a rounding step here and there)
     diff = np.abs(dec.astype(int) - reconstruct(vae, images[:5]).astype(int))
     assert diff.max() <= 1

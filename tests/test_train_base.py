@@ -126,7 +126,7 @@ def test_export_control_run_and_errors(tmp_path, monkeypatch):
     from facecrafter_jax.train.checkpoint import load_trained_params
     from facecrafter_jax.train.export import export_run
 
-    cfg = load_config(CONFIG, [f"run_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}", "steps=2",
+    cfg = load_config(CONFIG, [f"run_dir={tmp_path / 'run'}", "steps=2",
                                "data.synthetic.num_records=16", "checkpoint.async_save=false"])
     Trainer(cfg).run()
     monkeypatch.chdir(tmp_path)  # relative paths, as the toy pipeline's default runs/toy uses

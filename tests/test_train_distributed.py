@@ -9,7 +9,7 @@ import pytest
 
 from facecrafter_jax.train.checkpoint import load_trained_params
 from facecrafter_jax.train.logging import read_metrics
-from facecrafter_jax.train.testing import REPO, run_multiprocess, run_train
+from facecrafter_jax.train.testing import REPO, run_multiprocess, run_train, session_cache_dir
 
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 STEPS = 3
@@ -18,14 +18,13 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    cache = root / "jax_cache"
-    data = root / "data"
+    cache = session_cache_dir(tmp_path_factory)
     done = {}
 
     def get(name, devices, data_axis, fsdp_axis, processes=1):
         if name not in done:
             run_dir = root / name
-            common = [f"run_dir={run_dir}", f"data.dir={data}", f"steps={STEPS}", f"mesh.data={data_axis}",
+            common = [f"run_dir={run_dir}", f"steps={STEPS}", f"mesh.data={data_axis}",
                       f"mesh.fsdp={fsdp_axis}", "checkpoint.every=0", "data.synthetic.num_records=32"]
             if processes == 1:
                 run_train(CONFIG, common, devices=devices, cache_dir=cache)

@@ -10,7 +10,7 @@ import pytest
 
 from facecrafter_jax.train.checkpoint import find_step_dir, load_trained_params
 from facecrafter_jax.train.logging import read_metrics
-from facecrafter_jax.train.testing import REPO, run_train, start_train, wait_for_step
+from facecrafter_jax.train.testing import REPO, run_train, session_cache_dir, start_train, wait_for_step
 
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 STEPS = 8
@@ -20,11 +20,11 @@ KEYS = ("loss", "diffusion_loss", "ad_loss", "grad_norm", "lr", "timestep_mean",
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    return {"root": root, "cache": root / "jax_cache", "data": root / "data"}
+    return {"root": root, "cache": session_cache_dir(tmp_path_factory)}
 
 
 def _overrides(env, run_dir, *extra):
-    return [f"run_dir={run_dir}", f"data.dir={env['data']}", f"steps={STEPS}", "checkpoint.every=2",
+    return [f"run_dir={run_dir}", f"steps={STEPS}", "checkpoint.every=2",
             "checkpoint.keep_last=2", "data.synthetic.num_records=20", *extra]
 
 
@@ -87,8 +87,9 @@ def test_sigterm_saves_and_exits_cleanly(env, reference):
 ])
 def test_mismatched_checkpoint_is_refused(env, reference, override, needle):
     r = run_train(CONFIG, _overrides(env, reference, override), cache_dir=env["cache"], check=False)
-    assert r.returncode != 0
-    assert "CheckpointMismatchError" in r.stderr and needle in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "does not match this run" in errors[0] and needle in errors[0], r.stderr[-3000:]
 
 
 def test_stage_c_starts_from_stages_a_and_b(env):
@@ -98,10 +99,10 @@ def test_stage_c_starts_from_stages_a_and_b(env):
     runs = {}
     for control in ("landmark", "emotion"):
         runs[control] = env["root"] / f"stage_{control}"
-        run_train(CONFIG, [f"run_dir={runs[control]}", f"data.dir={env['data']}", "steps=2", "checkpoint.every=0",
+        run_train(CONFIG, [f"run_dir={runs[control]}", "steps=2", "checkpoint.every=0",
                            f"model.controls=[{control}]", "loss.ad_weight=0", f"stage={control}",
                            "data.synthetic.num_records=20"], cache_dir=env["cache"])
-    cfg = load_config(str(CONFIG), [f"run_dir={env['root'] / 'stage_c'}", f"data.dir={env['data']}",
+    cfg = load_config(str(CONFIG), [f"run_dir={env['root'] / 'stage_c'}",
                                     f"model.init_from.landmark={runs['landmark']}",
                                     f"model.init_from.emotion={runs['emotion']}"])
     world = build_world(cfg)

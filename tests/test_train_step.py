@@ -88,7 +88,10 @@ def test_first_update_is_adamw_closed_form(trainer):
         # EMA with diffusers' warm-up: decay_0 = min(EMA, 1 / 10).
         d = min(EMA, 1.0 / 10.0)
         np.testing.assert_allclose(e1[k], d * p0[k] + (1 - d) * p1[k], rtol=1e-6, atol=1e-7, err_msg=k)
-    assert unit > 0.9 * sum(v.size for v in p0.values())
+    # most entries move by exactly lr; those whose gradient is within a few Adam eps of 0 move less (here the
+    # every-combination draw gives 4 of the 16 samples a real emotion, so the emotion K projections see small
+    # gradients: measured 87% unit steps)
+    assert unit > 0.8 * sum(v.size for v in p0.values())
     assert float(metrics["lr"]) == pytest.approx(LR)
 
     # Direction: sign of a central finite difference of the step's own loss at the start parameters.
@@ -108,23 +111,33 @@ def test_first_update_is_adamw_closed_form(trainer):
     assert checked >= 2 and np.isfinite(base_loss)
 
 
-def test_id_only_samples_give_the_adapters_no_gradient(tmp_path):
-    """The toy adapter stages draw no ID-only samples (configs/toy/stage_*.yaml) because, with the base frozen
-    and every control branch switched off, such a sample cannot move any trainable parameter: a batch of only
-    ID-only samples leaves every adapter parameter bit-identical (AdamW without weight decay: a zero gradient
-    is a zero update), while the same batch with the controls on changes them."""
-    only_id = ("conditioning.id_only=1.0", "conditioning.id_landmark=0", "conditioning.id_emotion=0",
-               "conditioning.id_landmark_emotion=0", "conditioning.all_null=0", "optim.weight_decay=0")
-    for setup, moves in ((only_id, False), (("optim.weight_decay=0",), True)):
-        t = _trainer(tmp_path / str(moves), *setup)
+def test_id_only_samples_train_the_null_path(tmp_path):
+    """With null-token semantics an ID-only sample runs every control branch on its null tokens, so batches of only
+    ID-only samples move the null path: the token encoders' biases and norms and the decoupled K/V projections
+    (not the emotion encoder's first kernel: its null features are exactly zero). Two steps: at initialisation the
+    emotion null tokens are exactly 0 (zero features through zero biases), so its K/V and LayerNorm scale get their
+    first gradient once the biases have moved. With absent controls switched off (the ablation) the same batches
+    cannot move any trainable parameter (AdamW without weight decay: a zero gradient is a zero update)."""
+    only_id = ("conditioning.id_only=1.0", "optim.weight_decay=0")
+    for name, setup in (("null_tokens", only_id), ("switched_off", only_id + ("conditioning.absent=switched_off",))):
+        t = _trainer(tmp_path / name, *setup)
         try:
             state = t.fresh_state()
             p0 = _host(state["params"])
-            state, metrics = t.compiled(state, t.frozen, t.next_batch())
+            for _ in range(2):
+                state, metrics = t.compiled(state, t.frozen, t.next_batch())
             p1 = _host(state["params"])
-            changed = [k for k in p0 if not np.array_equal(p0[k], p1[k])]
+            changed = {k for k in p0 if not np.array_equal(p0[k], p1[k])}
             assert np.isfinite(float(metrics["loss"]))
-            assert (len(changed) > 0) == moves, changed[:5]
+            assert float(metrics["landmark_active_frac"]) == 0.0 and float(metrics["ad_loss"]) == 0.0
+            if name == "switched_off":
+                assert changed == set(), sorted(changed)[:5]
+                continue
+            for c in ("landmark", "emotion"):
+                for part in ("proj_in.bias", "proj_out.bias", "norm.scale", "norm.bias"):
+                    assert any(k.endswith(f"{c}_encoder.{part}") for k in changed), (c, part, sorted(changed)[:8])
+                assert any(f"to_v_c.{c}" in k for k in changed) and any(f"to_k_c.{c}" in k for k in changed)
+            assert not any(k.endswith("emotion_encoder.proj_in.kernel") for k in changed)  # zero features: no gradient
         finally:
             t.pipeline.close()
 
@@ -157,11 +170,12 @@ def test_bf16_remat_vprediction_min_snr(tmp_path, trainer):
         t.pipeline.close()
 
 
-def test_sample_grid_id_column_is_arc2face(trainer, tmp_path):
-    """The grid's ID-only column (controls off) is exactly Arc2Face sampling with the base UNet."""
+def test_sample_grid_columns_are_the_pipelines_samples(trainer, tmp_path):
+    """The grid's ID column is FaceCrafter's ID-only sampling (every control on its null tokens) and its ID+LMK
+    column the pipeline's landmark-controlled sampling, with the same settings (one condition builder)."""
     import dataclasses
 
-    from facecrafter_jax.sampling import Arc2FacePipeline
+    from facecrafter_jax.sampling import Arc2FacePipeline, FaceCrafterPipeline
     from facecrafter_jax.train import samples as SMP
 
     trainer.cfg = dataclasses.replace(trainer.cfg, sample=dataclasses.replace(
@@ -172,6 +186,27 @@ def test_sample_grid_id_column_is_arc2face(trainer, tmp_path):
     assert latents.shape == (2, 4, 8, 8, 4) and images.shape == (2, 4, 8, 8, 3)
     assert np.abs(latents[:, 1] - latents[:, 0]).max() > 1e-4  # the landmark column really differs
     model = trainer.world.merge(trainer.world.params, trainer.world.frozen)
-    ref = Arc2FacePipeline(model.facecrafter.unet, model.text_encoder, scheduler="ddim")(
-        conds["arcface"], num_steps=2, guidance_scale=3.0, seed=5, output_type="latent")
-    np.testing.assert_allclose(latents[:, 0], np.asarray(ref.latents), atol=1e-5, rtol=1e-5)
+    pipe = FaceCrafterPipeline(model.facecrafter, model.text_encoder, scheduler="ddim")
+    kw = dict(num_steps=2, guidance_scale=3.0, seed=5, output_type="latent")
+    np.testing.assert_allclose(latents[:, 0], pipe(conds["arcface"], **kw).latents, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(latents[:, 1], pipe(conds["arcface"], landmarks=conds["landmarks"], **kw).latents,
+                               atol=1e-5, rtol=1e-5)
+    base = Arc2FacePipeline(model.facecrafter.unet, model.text_encoder, scheduler="ddim")(conds["arcface"], **kw)
+    assert np.abs(latents[:, 0] - base.latents).max() > 1e-4  # the null tokens are not the base model
+
+
+def test_across_setups_reading_runs_the_pairs_in_one_forward(tmp_path):
+    """Reading C stacks each sample with its ID-only pair (2B rows, one compiled step): the own rows give the same
+    diffusion loss as the unpaired step, and the AD term is finite and positive."""
+    runs = {}
+    for reading in ("orthogonality", "across_setups"):
+        t = _trainer(tmp_path / reading, f"loss.ad_reading={reading}")
+        try:
+            state = t.fresh_state()
+            _, metrics = t.compiled(state, t.frozen, t.next_batch())
+            runs[reading] = {k: float(v) for k, v in metrics.items()}
+        finally:
+            t.pipeline.close()
+    a, c = runs["orthogonality"], runs["across_setups"]
+    assert c["diffusion_loss"] == pytest.approx(a["diffusion_loss"], rel=1e-5)
+    assert np.isfinite(c["ad_loss"]) and c["ad_loss"] > 0 and np.isfinite(c["grad_norm"])

@@ -2,19 +2,22 @@
 
 Sub-commands::
 
+    facecrafter-convert from-arc2face MODELS --sd15 DIR --out DIR
     facecrafter-convert from-diffusers --unet DIR [--text-encoder DIR] [--vae DIR] --out DIR
-    facecrafter-convert to-diffusers CHECKPOINT OUT
+    facecrafter-convert to-diffusers CHECKPOINT OUT [--no-ip-adapter]
     facecrafter-convert from-run RUN OUT [--vae DIR] [--no-ema]
     facecrafter-convert params [--unet-config sd15|PATH] [--controls landmark,emotion] [--landmark-tokens N] ...
 
-``from-diffusers`` reads a diffusers UNet folder, a transformers CLIPTextModel folder (Arc2Face's
+``from-arc2face`` reads the Arc2Face hub download (``MODELS/arc2face``, ``MODELS/encoder``,
+``MODELS/arcface.onnx``) and SD1.5's ``vae/`` (:mod:`facecrafter_jax.convert.arc2face`). ``from-diffusers`` reads a diffusers UNet folder, a transformers CLIPTextModel folder (Arc2Face's
 ``encoder/``; both key layouts) and a diffusers VAE folder, and writes our converted folder (see
 :mod:`facecrafter_jax.pretrained`). ``to-diffusers`` writes ``OUT/unet`` (a diffusers folder that
 stock ``UNet2DConditionModel.from_pretrained`` loads), ``OUT/text_encoder`` (transformers
 ``CLIPTextModel``) and ``OUT/vae`` when present, and, when the checkpoint has FaceCrafter adapters,
 ``OUT/facecrafter_adapters.safetensors`` (PyTorch layout, for
 :func:`facecrafter_jax.torch_facecrafter.load_facecrafter_adapters`) with its config
-``OUT/facecrafter_adapters.json``. ``from-run`` turns a training run's latest checkpoint into our converted
+``OUT/facecrafter_adapters.json``, and one stock diffusers IP-Adapter file per control,
+``OUT/ip_adapters/facecrafter_<control>.safetensors`` (:mod:`facecrafter_jax.convert.ip_adapter`). ``from-run`` turns a training run's latest checkpoint into our converted
 folder (:func:`facecrafter_jax.train.export.export_run`). ``params`` prints FaceCrafter's trainable (AdapterParam) and frozen
 parameter counts for a UNet architecture, built abstractly (no memory).
 """
@@ -26,6 +29,8 @@ import json
 import os
 import sys
 import time
+
+from facecrafter_jax.errors import UserError, run_cli
 
 
 def _from_diffusers(args) -> None:
@@ -46,8 +51,21 @@ def _from_diffusers(args) -> None:
     print(f"wrote {', '.join(parts)} to {args.out}")
 
 
-def export_to_diffusers(checkpoint: str, out: str) -> list[str]:
-    """Write diffusers / transformers folders for every component of a converted checkpoint."""
+def _from_arc2face(args) -> None:
+    from facecrafter_jax.convert.arc2face import convert_arc2face
+
+    convert_arc2face(args.models, args.sd15, args.out)
+
+
+def export_to_diffusers(checkpoint: str, out: str, *, ip_adapter: bool = True) -> list[str]:
+    """Write diffusers / transformers folders for every component of a converted checkpoint.
+
+    With adapters: ``OUT/facecrafter_adapters.safetensors`` (+ ``.json``) for
+    :mod:`facecrafter_jax.torch_facecrafter` and, unless ``ip_adapter=False``, one stock diffusers IP-Adapter
+    per control in ``OUT/ip_adapters/`` (:mod:`facecrafter_jax.convert.ip_adapter`). A model that has no
+    IP-Adapter form raises :class:`~facecrafter_jax.convert.ip_adapter.IPAdapterExportError` before anything
+    is written.
+    """
     from safetensors.numpy import save_file
 
     from facecrafter_jax.convert.clip import export_text_encoder_state
@@ -57,6 +75,10 @@ def export_to_diffusers(checkpoint: str, out: str) -> list[str]:
 
     components = read_manifest(checkpoint)["components"]
     models = load_pretrained(checkpoint, components=components)
+    if models.adapters is not None and ip_adapter:
+        from facecrafter_jax.convert.ip_adapter import check_ip_adapter_export
+
+        check_ip_adapter_export(models.adapters)
     written = []
     if models.unet is not None:
         d = os.path.join(out, "unet")
@@ -78,23 +100,14 @@ def export_to_diffusers(checkpoint: str, out: str) -> list[str]:
         save_vae_diffusers(models.vae, d)
         written.append(d)
     if models.adapters is not None:
+        from facecrafter_jax.convert.adapters import export_adapters
+
         written.extend(export_adapters(models.adapters, out))
+        if ip_adapter:
+            from facecrafter_jax.convert.ip_adapter import export_ip_adapters
+
+            written.extend(export_ip_adapters(models.adapters, out))
     return written
-
-
-def export_adapters(model, out: str) -> list[str]:
-    """Write ``OUT/facecrafter_adapters.safetensors`` (PyTorch layout) and ``OUT/facecrafter_adapters.json``."""
-    from safetensors.numpy import save_file
-
-    from facecrafter_jax.models.facecrafter import export_adapter_state
-    from facecrafter_jax.models.facecrafter import ADAPTERS_CONFIG_FILE, ADAPTERS_FILE, ADAPTERS_FORMAT
-
-    os.makedirs(out, exist_ok=True)
-    weights, config = os.path.join(out, ADAPTERS_FILE), os.path.join(out, ADAPTERS_CONFIG_FILE)
-    save_file(export_adapter_state(model), weights, metadata={"format": "pt"})
-    with open(config, "w") as f:
-        json.dump({"format": ADAPTERS_FORMAT, "version": 1, "config": model.config.to_dict()}, f, indent=2)
-    return [weights, config]
 
 
 def _unet_config_arg(value: str):
@@ -128,7 +141,7 @@ def _params(args) -> None:
 
 
 def _to_diffusers(args) -> None:
-    for d in export_to_diffusers(args.checkpoint, args.out):
+    for d in export_to_diffusers(args.checkpoint, args.out, ip_adapter=not args.no_ip_adapter):
         print(f"wrote {d}")
 
 
@@ -144,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
+    a = sub.add_parser("from-arc2face", help="Arc2Face hub download + SD1.5 VAE -> our Flax checkpoint folder")
+    a.add_argument("models", help="the Arc2Face download: arc2face/ (UNet), encoder/ (CLIPTextModel), arcface.onnx")
+    a.add_argument("--sd15", required=True, help="Stable Diffusion 1.5 folder with vae/ (or the vae/ folder itself)")
+    a.add_argument("--out", required=True, help="output folder (created): unet, text_encoder, vae")
+    a.set_defaults(func=_from_arc2face)
+
     f = sub.add_parser("from-diffusers", help="diffusers / transformers folders -> our Flax checkpoint folder")
     f.add_argument("--unet", required=True, help="diffusers UNet2DConditionModel folder (config.json + weights)")
     f.add_argument("--text-encoder", help="transformers CLIPTextModel folder (Arc2Face's encoder/)")
@@ -153,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("to-diffusers", help="our checkpoint folder -> diffusers / transformers folders")
     t.add_argument("checkpoint", help="folder written by from-diffusers (or by training)")
-    t.add_argument("out", help="output folder: OUT/unet, OUT/text_encoder, OUT/vae")
+    t.add_argument("out", help="output folder: OUT/unet, OUT/text_encoder, OUT/vae; with adapters also "
+                   "OUT/facecrafter_adapters.safetensors and OUT/ip_adapters/facecrafter_<control>.safetensors")
+    t.add_argument("--no-ip-adapter", action="store_true",
+                   help="do not write the diffusers IP-Adapter files (OUT/ip_adapters/)")
     t.set_defaults(func=_to_diffusers)
 
     r = sub.add_parser("from-run", help="training run (latest checkpoint) -> our checkpoint folder for sample.py")
@@ -166,23 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("params", help="FaceCrafter trainable vs frozen parameter counts (abstract build, no memory)")
     q.add_argument("--unet-config", default="sd15", help="'sd15' (default), a diffusers UNet folder or its config.json")
     q.add_argument("--controls", default="landmark,emotion", help="comma-separated controls (default: landmark,emotion)")
-    q.add_argument("--landmark-tokens", type=int, default=4)
-    q.add_argument("--emotion-tokens", type=int, default=4)
-    q.add_argument("--landmark-hidden-dim", type=int, default=1024)
-    q.add_argument("--emotion-hidden-dim", type=int, default=512)
+    from facecrafter_jax.models.facecrafter import FaceCrafterConfig
+
+    d = FaceCrafterConfig()
+    q.add_argument("--landmark-tokens", type=int, default=d.landmark_tokens)
+    q.add_argument("--emotion-tokens", type=int, default=d.emotion_tokens)
+    q.add_argument("--landmark-hidden-dim", type=int, default=d.landmark_hidden_dim)
+    q.add_argument("--emotion-hidden-dim", type=int, default=d.emotion_hidden_dim)
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=_params)
     return p
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (FileNotFoundError, ValueError) as e:  # bad paths and checkpoints that do not fit: one line, status 2
+        raise UserError(str(e)) from e
     return 0
+
+
+def main(argv=None) -> int:
+    """Entry point: ``error: <one line>`` on stderr and exit status 2 for expected failures (``--debug``: traceback)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

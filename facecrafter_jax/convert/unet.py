@@ -26,7 +26,7 @@ def unet_key_map(model: UNet2DConditionModel) -> list[KeyRule]:
     """One rule per base parameter: Flax path <-> diffusers key (e.g. ``down_blocks.0.attentions.0.proj_in.weight``).
 
     FaceCrafter adapter parameters (``AdapterParam``) a UNet may carry are not part of the diffusers UNet
-    and are excluded (they have their own map in :mod:`facecrafter_jax.models.facecrafter`).
+    and are excluded (they have their own map in :mod:`facecrafter_jax.convert.adapters`).
     """
     return build_key_map(model, variable_type=FROZEN)
 

@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from facecrafter_jax.errors import DataError
 
 __all__ = [
     "KeyRule",
@@ -50,8 +54,9 @@ __all__ = [
 ]
 
 
-class WeightConversionError(ValueError):
-    """A checkpoint does not match the model: names the offending key(s)."""
+class WeightConversionError(DataError):
+    """A checkpoint does not match the model or cannot be read safely: names the offending key(s) / file
+    (a ``ValueError`` and a ``facecrafter_jax.errors.DataError``: CLIs report it as one line)."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,14 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
         import torch
     except ImportError as e:  # pragma: no cover - only without the torch extra
         raise WeightConversionError(f"{path} is a PyTorch pickle; install the 'torch' extra to read it") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # the restricted unpickler met a global: the file would run code
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"it would call {found.group(1)} while loading" if found else " ".join(str(e).split())[:200]
+        raise WeightConversionError(f"{path}: refused to load this pickle: {what}. A weights file holds only "
+                                    "tensors and is read with torch.load(weights_only=True); get the file from its "
+                                    "official source (or convert a trusted copy to safetensors)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     out = {}

@@ -20,7 +20,9 @@ _PIPELINE = (
     "InputPipeline", "make_pipeline", "save_iterator_state", "restore_iterator_state",
     "iterator_save_args", "iterator_restore_args", "data_sharding",
 )
+_IDENTITIES = ("read_identity_labels", "write_identity_labels", "IDENTITIES_FILE")
 _LAZY = {**{n: "facecrafter_jax.data.records" for n in _RECORDS},
+         **{n: "facecrafter_jax.data.identities" for n in _IDENTITIES},
          **{n: "facecrafter_jax.data.pipeline" for n in _PIPELINE}}
 
 __all__ = list(_LAZY)

@@ -2,18 +2,23 @@
 
 Order of operations (one grain ``MapDataset`` chain, identical on every process)::
 
-    MapDataset.source(ArrayRecordDataSource(shards))
+    MapDataset.range(num_records)
       .seed(seed) -> .shuffle()           index shuffle, a different permutation each epoch (seed + epoch)
       .repeat(num_epochs)                 None = forever
+      .random_map(other photo)            optional: index -> (index, index of another photo of the same identity)
       [process_index::process_count]      each process gets a disjoint, interleaved slice
-      .map(decode)                        bytes -> dict of numpy arrays (np.frombuffer)
+      .map(read + decode)                 ArrayRecord bytes -> dict of numpy arrays (np.frombuffer)
       .batch(global_batch // process_count, drop_remainder=True)
       .to_iter_dataset(ReadOptions)       threads in the reading process
       .mp_prefetch(worker_count)          optional worker processes (each takes every worker_count-th batch)
     then, in the training process: jax.make_array_from_process_local_data(sharding, batch)
 
 Every process must use the same ``seed`` (so all see the same global permutation) and the same
-``global_batch_size``. The iterator state (a small JSON dict per process) is saved with orbax, see
+``global_batch_size``. The other-photo draw (``other_photo_identity`` > 0) happens before the per-process slice,
+so it depends only on (seed, position in the global sequence), not on the process layout: with probability p a
+record's ``arcface`` is replaced by that of another record of the same identity
+(:func:`~facecrafter_jax.data.identities.read_identity_labels`), as at inference the identity comes from a reference
+photo, not from the target image; an identity with one record keeps its own. The iterator state (a small JSON dict per process) is saved with orbax, see
 :func:`save_iterator_state` / :func:`restore_iterator_state` and :func:`iterator_save_args` /
 :func:`iterator_restore_args` for putting it into the training checkpoint's ``ocp.args.Composite``.
 """
@@ -34,6 +39,8 @@ import jax
 import numpy as np
 
 from facecrafter_jax.data import records as R
+from facecrafter_jax.data.identities import read_identity_labels
+from facecrafter_jax.errors import DataError
 
 STATE_VERSION = 1
 
@@ -44,6 +51,86 @@ def _ensure_absl_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+class OtherPhoto:
+    """Picklable grain random map: record index -> (index, index whose ``arcface`` it uses).
+
+    With probability ``p`` the second index is drawn uniformly from the other records of the same identity; an
+    identity with a single record (or probability 1 - p) keeps the record's own index.
+    """
+
+    def __init__(self, labels: Sequence[str], p: float):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"other-photo identity probability must be in [0, 1], got {p}")
+        self.p = float(p)
+        codes: dict[str, int] = {}
+        self.label = np.asarray([codes.setdefault(lab, len(codes)) for lab in labels], np.int64)
+        order = np.argsort(self.label, kind="stable")
+        bounds = np.searchsorted(self.label[order], np.arange(len(codes) + 1))
+        self.members = [order[bounds[k]:bounds[k + 1]] for k in range(len(codes))]
+
+    def __call__(self, index: int, rng: np.random.Generator) -> tuple[int, int]:
+        index = int(index)
+        group = self.members[self.label[index]]
+        if len(group) < 2 or rng.random() >= self.p:
+            return index, index
+        k = int(rng.integers(len(group) - 1))  # uniform over the group without the record itself
+        if k >= int(np.searchsorted(group, index)):
+            k += 1
+        return index, int(group[k])
+
+
+class IteratorStateMismatch(ValueError):
+    """An iterator state saved by a pipeline with other settings (the message names them)."""
+
+
+class ShardLocator:
+    """Global record index -> ``record k of <dir>/<shard>`` (for messages); picklable."""
+
+    def __init__(self, data_dir: str | os.PathLike, shards: Sequence[tuple[str, int]]):
+        self.data_dir = str(data_dir)
+        self.shards = tuple((str(n), int(c)) for n, c in shards)
+        self._starts = np.cumsum([0] + [c for _, c in self.shards])
+
+    def __call__(self, index: int) -> str:
+        i = int(np.searchsorted(self._starts, index, side="right")) - 1
+        if not 0 <= i < len(self.shards):
+            return f"record {index} of {self.data_dir}"
+        return f"record {index - int(self._starts[i])} of {os.path.join(self.data_dir, self.shards[i][0])}"
+
+
+class ReadRecord:
+    """Picklable grain map: record index (or ``(index, arcface index)``) -> decoded fields of that record.
+
+    A record that cannot be read (a damaged ArrayRecord chunk: riegeli checks its hashes) or decoded is a
+    :class:`~facecrafter_jax.errors.DataError` naming the shard and the record's index in it (``locate``)."""
+
+    def __init__(self, source, decode: "DecodeRecord", locate: ShardLocator | None = None):
+        self.source = source
+        self.decode = decode
+        self.locate = locate
+
+    def _where(self, index: int) -> str:
+        return self.locate(index) if self.locate is not None else f"record {index}"
+
+    def _read(self, index: int) -> bytes:
+        try:
+            return self.source[index]
+        except Exception as e:  # noqa: BLE001 - the reader raises RuntimeError / OSError for damaged files
+            raise DataError(f"{self._where(index)} cannot be read ({type(e).__name__}: {e}); the shard is damaged: "
+                            "check the folder with python -m data_prep verify DIR --hashes") from None
+
+    def __call__(self, item) -> dict[str, Any]:
+        index, other = (int(item), int(item)) if np.ndim(item) == 0 else (int(item[0]), int(item[1]))
+        try:
+            rec = self.decode(self._read(index))
+            if other != index and "arcface" in rec:
+                index = other
+                rec["arcface"] = self.decode.codec.decode(self._read(other))["arcface"]
+        except R.RecordError as e:
+            raise DataError(f"{self._where(index)} does not decode: {e}") from None
+        return rec
 
 
 class DecodeRecord:
@@ -58,10 +145,10 @@ class DecodeRecord:
         unknown = sorted(set(self.fields) - set(R.FIELDS))
         if unknown:
             raise R.RecordError(f"unknown field(s) {unknown} requested; record fields are {list(R.FIELDS)}")
-        self._codec = R.RecordCodec(resolution, latent_dtype, latent_side)
+        self.codec = R.RecordCodec(resolution, latent_dtype, latent_side)
 
     def __call__(self, data: bytes) -> dict[str, Any]:
-        rec = self._codec.decode(data)
+        rec = self.codec.decode(data)
         return {k: rec[k] for k in self.fields}
 
     def __getstate__(self):
@@ -97,6 +184,7 @@ class PipelineSpec:
     process_index: int
     process_count: int
     worker_count: int
+    other_photo_identity: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -184,11 +272,11 @@ class InputPipeline:
         """Restores a position from :meth:`get_state`; the pipeline spec must match (clear error otherwise)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"iterator state version {state.get('version')!r} is not supported ({STATE_VERSION})")
-        saved, mine = state["spec"], self.spec.to_json()
+        saved, mine = {"other_photo_identity": 0.0, **state["spec"]}, self.spec.to_json()  # key added later
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
-            raise ValueError(f"iterator state was saved by a different pipeline ({detail})")
+            raise IteratorStateMismatch(f"iterator state was saved by a different pipeline ({detail})")
         self._buffer.clear()
         self.iterator.set_state(copy.deepcopy(state["grain"]))
         self._state = copy.deepcopy(state["grain"])
@@ -223,6 +311,8 @@ def make_pipeline(
     read_buffer_size: int = 4,
     sharding: Any = "default",
     device_prefetch: int = 2,
+    other_photo_identity: float = 0.0,
+    shards: Mapping[str, int] | None = None,
 ) -> InputPipeline:
     """Builds the training input pipeline over the complete shards of ``data_dir``.
 
@@ -243,12 +333,16 @@ def make_pipeline(
         sharding: ``jax.sharding.Sharding`` for the numeric fields of each global batch; ``"default"`` is
             :func:`data_sharding` over all devices; ``None`` yields host numpy batches.
         device_prefetch: batches placed on device ahead of the consumer.
+        other_photo_identity: probability that a record's ``arcface`` comes from another record of the same
+            identity (module docstring); 0 keeps every record's own.
+        shards: ``{shard name: records}`` to read (e.g. the shards that passed
+            :func:`~facecrafter_jax.data.integrity.verify_dataset`); default: every complete shard.
     """
     data_dir = Path(data_dir)
     info = R.read_dataset_info(data_dir)
-    counts = R.shard_record_counts(data_dir)
+    counts = dict(shards) if shards is not None else R.shard_record_counts(data_dir)
     if not counts:
-        raise ValueError(f"{data_dir} has no complete shards")
+        raise DataError(f"{data_dir} has no complete shards")
     if process_index is None:
         process_index = jax.process_index()
     if process_count is None:
@@ -269,17 +363,20 @@ def make_pipeline(
         shards=tuple(sorted(counts.items())), resolution=info["resolution"], latent_dtype=info["latent_dtype"],
         fields=decode.fields, seed=int(seed), shuffle=bool(shuffle), num_epochs=num_epochs,
         global_batch_size=int(global_batch_size), process_index=int(process_index),
-        process_count=int(process_count), worker_count=int(worker_count))
+        process_count=int(process_count), worker_count=int(worker_count),
+        other_photo_identity=float(other_photo_identity))
     local_batch = global_batch_size // process_count
 
     # Shard files named with their record counts ("path[0:n]") so grain does not reopen each one to count.
     source = grain.sources.ArrayRecordDataSource([f"{data_dir / name}[0:{n}]" for name, n in spec.shards])
-    ds = grain.MapDataset.source(source).seed(seed)
+    ds = grain.MapDataset.range(sum(n for _, n in spec.shards)).seed(seed)
     if shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(num_epochs)
+    if other_photo_identity > 0:
+        ds = ds.random_map(OtherPhoto(_identity_labels(data_dir, spec.shards), other_photo_identity))
     ds = ds[process_index::process_count]
-    ds = ds.map(decode)
+    ds = ds.map(ReadRecord(source, decode, ShardLocator(data_dir, spec.shards)))
     ds = ds.batch(local_batch, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
     if worker_count > 0:
@@ -290,6 +387,16 @@ def make_pipeline(
             raise ValueError(f"sharding must be a jax Sharding, None or 'default', got {sharding!r}")
         sharding = data_sharding()
     return InputPipeline(it_ds, spec, sharding=sharding, device_prefetch=device_prefetch)
+
+
+def _identity_labels(data_dir: Path, shards: Sequence[tuple[str, int]]) -> list[str]:
+    """Identity labels of the records of ``shards`` (all or some of the folder's shards, in that order)."""
+    labels = read_identity_labels(data_dir)  # every complete shard, in storage order (from the .ids.txt sidecars)
+    offsets, start = {}, 0
+    for p in R.list_shards(data_dir):
+        offsets[p.name] = start
+        start += p.with_name(p.name[: -len(R.SHARD_SUFFIX)] + R.IDS_SUFFIX).read_text(encoding="utf-8").count("\n")
+    return [labels[offsets[name] + i] for name, n in shards for i in range(n)]
 
 
 # ---------------------------------------------------------------------------- orbax integration

@@ -2,7 +2,8 @@
 
 A dataset folder holds::
 
-    dataset.json                  schema version, resolution, latent dtype, per-shard record counts
+    dataset.json                  schema version, resolution, latent dtype, per-shard record counts, sizes
+                                  and SHA-256 (``shard_files``; checked before training, see integrity.py)
     shard-00000.array_record      ArrayRecord file (group_size:1, random access), one encoded record each
     shard-00000.ids.txt           the image_id of every record of that shard, one per line (resume / dedup)
     ...
@@ -35,6 +36,7 @@ Every array starts at a 4-byte aligned offset, so decoding is two ``np.frombuffe
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from facecrafter_jax.errors import DataError, MissingDataError
+from facecrafter_jax.face.vocabulary import EMOTION_CLASSES, EMOTION_DIM, ID_DIM, NUM_LANDMARKS
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +64,12 @@ LOCK_FILE = ".writer.lock"
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.array_record$")
 
 FIELDS = ("image_id", "arcface", "landmarks", "head_pose", "emotion", "latent_moments")
-NUM_LANDMARKS = 478
-EMOTION_CLASSES = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
 # float32 feature fields, stored contiguously in this order.
 _FEATURE_SHAPES = {
-    "arcface": (512,),
+    "arcface": (ID_DIM,),
     "landmarks": (NUM_LANDMARKS, 3),
     "head_pose": (3,),
-    "emotion": (len(EMOTION_CLASSES) + 2,),
+    "emotion": (EMOTION_DIM,),
 }
 _FEATURE_SIZES = {k: int(np.prod(v)) for k, v in _FEATURE_SHAPES.items()}
 _FEATURE_COUNT = sum(_FEATURE_SIZES.values())
@@ -79,8 +82,32 @@ ARCFACE_NORM_TOL = 1e-3
 DEFAULT_WRITER_OPTIONS = "group_size:1,uncompressed"
 
 
-class RecordError(ValueError):
-    """A record or dataset does not match the schema (the message names the field / setting)."""
+class RecordError(DataError):
+    """A record or dataset does not match the schema (the message names the field / setting); a ``ValueError``."""
+
+
+HASH_NAME = "sha256"
+"""The content hash stored per shard in ``dataset.json`` (checked by :mod:`facecrafter_jax.data.integrity`)."""
+_CHUNK = 8 << 20
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 8 MiB chunks; hashlib releases the GIL, so threads scale)."""
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def shard_file_info(path: str | os.PathLike, records: int) -> dict[str, Any]:
+    """``{"records", "bytes", "sha256"}`` of a shard file (what ``dataset.json`` stores per shard)."""
+    return {"records": int(records), "bytes": os.path.getsize(path), HASH_NAME: file_sha256(path)}
 
 
 def latent_side(resolution: int) -> int:
@@ -249,7 +276,7 @@ def list_shards(data_dir: str | os.PathLike) -> list[Path]:
     """Complete shards of a dataset folder, sorted by index (temporary / partial files are ignored)."""
     d = Path(data_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"dataset folder {d} does not exist")
+        raise MissingDataError(f"dataset folder {d} does not exist: check data.dir (or the --out of data_prep)")
     shards = [(int(m.group(1)), p) for p in d.iterdir() if (m := SHARD_RE.match(p.name)) and p.is_file()]
     return [p for _, p in sorted(shards)]
 
@@ -258,8 +285,15 @@ def read_dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Reads and checks ``dataset.json`` (format name, schema version, resolution, latent dtype)."""
     path = Path(data_dir) / INFO_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a facecrafter record dataset")
-    info = json.loads(path.read_text())
+        if not Path(data_dir).is_dir():
+            raise MissingDataError(f"dataset folder {data_dir} does not exist: check data.dir (or the --out of data_prep)")
+        raise MissingDataError(f"{path} not found: {data_dir} is not a facecrafter record dataset")
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecordError(f"{path} is not valid JSON ({e}): the dataset description is damaged") from None
+    if not isinstance(info, dict):
+        raise RecordError(f"{path} must hold a JSON object, got {type(info).__name__}")
     if info.get("format") != FORMAT_NAME:
         raise RecordError(f"{path}: 'format' is {info.get('format')!r}, expected {FORMAT_NAME!r}")
     if info.get("schema_version") != SCHEMA_VERSION:
@@ -418,16 +452,28 @@ class RecordWriter:
             if lost:
                 raise RecordError(f"dataset.json lists shard(s) missing on disk: {lost}")
             counts = shard_record_counts(self.out_dir)
+            files = dict(info.get("shard_files") or {})
+            for name in sorted(counts):
+                size = (self.out_dir / name).stat().st_size
+                if name in files and files[name].get("bytes") not in (None, size):
+                    raise RecordError(f"{self.out_dir / name} has {size} bytes, dataset.json says "
+                                      f"{files[name]['bytes']} (truncated or replaced): restore it before adding records")
             if metadata is None:
                 metadata = info.get("metadata")
         else:
             if shards:
                 raise RecordError(f"{self.out_dir} holds shards but no {INFO_FILE}")
-            counts = {}
+            counts, files = {}, {}
         for p in self.out_dir.iterdir():  # sidecars of shards that never completed
             if p.name.endswith(IDS_SUFFIX) and p.name[: -len(IDS_SUFFIX)] + SHARD_SUFFIX not in counts:
                 p.unlink()
         self._counts: dict[str, int] = dict(counts)
+
+        # Size + hash of every shard; computed here for shards committed by a writer that was killed before it
+        # rewrote dataset.json, and for folders written before dataset.json had them.
+        self._files: dict[str, dict] = {name: (dict(files[name]) if name in files and "sha256" in files[name]
+                                                else shard_file_info(self.out_dir / name, n))
+                                        for name, n in counts.items()}
         self._metadata = dict(metadata) if metadata is not None else {}
         self._next_index = int(SHARD_RE.match(shards[-1].name).group(1)) + 1 if shards else 0
         self.existing_ids: set[str] = set(read_image_ids(self.out_dir)) if shards else set()
@@ -447,6 +493,7 @@ class RecordWriter:
             "writer_options": self.writer_options,
             "shard_size": self.shard_size,
             "shards": dict(sorted(self._counts.items())),
+            "shard_files": dict(sorted(self._files.items())),
             "num_records": sum(self._counts.values()),
             "metadata": self._metadata,
         }
@@ -491,10 +538,13 @@ class RecordWriter:
         ids_tmp.write_text("".join(i + "\n" for i in self._current_ids), encoding="utf-8")
         _fsync_path(ids_tmp)
         _fsync_path(self._tmp_path)
+
+        file_info = shard_file_info(self._tmp_path, len(self._current_ids))  # re-read from the page cache
         os.replace(ids_tmp, ids_final)
         os.replace(self._tmp_path, final)  # the shard becomes visible only here
         _fsync_path(self.out_dir)
         self._counts[name] = len(self._current_ids)
+        self._files[name] = file_info
         self._current_ids = []
         self._next_index += 1
         self._write_info()

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from facecrafter_jax.face.vocabulary import CONTROL_INPUT_DIMS, EMOTION_DIM, NUM_LANDMARKS
+
 __all__ = [
     "AdapterParam",
     "TRAINABLE",
@@ -47,14 +49,13 @@ __all__ = [
     "AdapterLayerNorm",
     "ControlTokenEncoder",
     "control_features",
+    "null_input",
+    "feature_offset",
     "add_control_adapters",
     "ADAPTER_VALUE_INITS",
     "count_params",
 ]
 
-NUM_LANDMARKS = 478
-# Flattened input size of each known control.
-CONTROL_INPUT_DIMS = {"landmark": NUM_LANDMARKS * 3, "emotion": 10}
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used on both sides of the export
 
 
@@ -132,25 +133,49 @@ class AdapterLayerNorm(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def null_input(control: str, batch: int = 1) -> jax.Array:
+    """The null raw input of a control: zeros ``[batch, 478, 3]`` (landmark) or ``[batch, 10]`` (emotion).
+
+    Fed through the control's encoder it gives the learned null tokens: what an absent condition is.
+    """
+    shapes = {"landmark": (NUM_LANDMARKS, 3), "emotion": (EMOTION_DIM,)}
+    if control not in shapes:
+        raise ValueError(f"unknown control {control!r}; known: {sorted(shapes)}")
+    return jnp.zeros((batch,) + shapes[control], jnp.float32)
+
+
 def control_features(kind: str, condition: jax.Array) -> jax.Array:
     """Fixed normalisation of a raw condition to the encoder input ``[B, CONTROL_INPUT_DIMS[kind]]`` (float32).
 
     ``landmark``: ``[B, 478, 3]`` or ``[B, 1434]``; x, y centred by ``- 0.5``, z unchanged.
     ``emotion``: ``[B, 10]`` unchanged. An all-zero raw input is the null condition.
     """
-    if kind not in CONTROL_INPUT_DIMS:
-        raise ValueError(f"unknown control {kind!r}; known controls: {sorted(CONTROL_INPUT_DIMS)}")
     x = jnp.asarray(condition, jnp.float32)
     if kind == "landmark":
         if x.ndim == 2 and x.shape[1] == NUM_LANDMARKS * 3:
             x = x.reshape(x.shape[0], NUM_LANDMARKS, 3)
         if x.ndim != 3 or x.shape[1:] != (NUM_LANDMARKS, 3):
             raise ValueError(f"landmarks must be [B, {NUM_LANDMARKS}, 3] (or [B, {NUM_LANDMARKS * 3}]), got shape {x.shape}")
-        x = x - jnp.asarray([0.5, 0.5, 0.0], jnp.float32)
-        return x.reshape(x.shape[0], NUM_LANDMARKS * 3)
-    if x.ndim != 2 or x.shape[1] != CONTROL_INPUT_DIMS["emotion"]:
-        raise ValueError(f"emotion must be [B, 10] (8 class probabilities, valence, arousal), got shape {x.shape}")
-    return x
+        x = x.reshape(x.shape[0], NUM_LANDMARKS * 3)
+    elif kind == "emotion":
+        if x.ndim != 2 or x.shape[1] != CONTROL_INPUT_DIMS["emotion"]:
+            raise ValueError(f"emotion must be [B, 10] (8 class probabilities, valence, arousal), got shape {x.shape}")
+    offset = feature_offset(kind)
+    return x - jnp.asarray(offset) if offset.any() else x
+
+
+def feature_offset(kind: str) -> np.ndarray:
+    """The constant ``c`` with ``control_features(kind, x) = flatten(x) - c`` (float32 ``[CONTROL_INPUT_DIMS[kind]]``).
+
+    ``landmark``: ``(0.5, 0.5, 0)`` per point; ``emotion``: zeros. Being affine, the normalisation folds into
+    the encoder's first bias (``b1 - c @ W1``), which is how the diffusers IP-Adapter export takes raw inputs
+    (:mod:`facecrafter_jax.convert.ip_adapter`).
+    """
+    if kind not in CONTROL_INPUT_DIMS:
+        raise ValueError(f"unknown control {kind!r}; known controls: {sorted(CONTROL_INPUT_DIMS)}")
+    if kind == "landmark":
+        return np.tile(np.asarray([0.5, 0.5, 0.0], np.float32), NUM_LANDMARKS)
+    return np.zeros((CONTROL_INPUT_DIMS[kind],), np.float32)
 
 
 class ControlTokenEncoder(nnx.Module):

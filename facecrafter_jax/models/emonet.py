@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-EMOTION_CLASSES_8 = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
+from facecrafter_jax.face.vocabulary import EMOTION_CLASSES
+
+EMOTION_CLASSES_8 = EMOTION_CLASSES  # the 8-class model's order is the records' order
 EMOTION_CLASSES_5 = ("neutral", "happy", "sad", "surprise", "fear")
 INPUT_SIZE = 256
 

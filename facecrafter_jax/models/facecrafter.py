@@ -28,15 +28,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import AttentionProbs, BranchOutputs
-from .control import ADAPTER_VALUE_INITS, CONTROL_INPUT_DIMS, ControlTokenEncoder, add_control_adapters
+from .control import ADAPTER_VALUE_INITS, CONTROL_INPUT_DIMS, ControlTokenEncoder, add_control_adapters, null_input
 
-__all__ = ["FaceCrafterConfig", "FaceCrafter", "collect_control_maps", "adapter_key_map", "export_adapter_state",
-           "load_adapter_state", "parameter_report"]
-
-# Names of the PyTorch export written by `facecrafter-convert to-diffusers` (mirrored in torch_facecrafter.py).
-ADAPTERS_FILE = "facecrafter_adapters.safetensors"
-ADAPTERS_CONFIG_FILE = "facecrafter_adapters.json"
-ADAPTERS_FORMAT = "facecrafter-adapters"
+__all__ = ["FaceCrafterConfig", "FaceCrafter", "collect_control_maps", "parameter_report"]
 
 
 @dataclass(frozen=True)
@@ -49,13 +43,17 @@ class FaceCrafterConfig:
     ``adapter_value_init``: ``"copy"`` (IP-Adapter: ``to_v_c`` starts as a copy of ``to_v``) or ``"zeros"``
     (the branch starts as exactly nothing; :func:`~facecrafter_jax.models.control.add_control_adapters`).
     It only matters when adapters are created, not when trained ones are loaded.
+
+    The encoder hidden widths default to integer multiples of the input widths (1434 landmark values, 10
+    emotion values): diffusers' FaceID projection, the form of the IP-Adapter export, sizes its hidden layer
+    as ``mult * input`` (:mod:`facecrafter_jax.convert.ip_adapter`; other widths export zero-padded).
     """
 
     controls: tuple[str, ...] = ("landmark", "emotion")
     landmark_tokens: int = 4
     emotion_tokens: int = 4
-    landmark_hidden_dim: int = 1024
-    emotion_hidden_dim: int = 512
+    landmark_hidden_dim: int = 1434  # 1 x the 1434 inputs
+    emotion_hidden_dim: int = 510    # 51 x the 10 inputs
     cross_attention_dim: int | None = None
     adapter_value_init: str = "copy"
 
@@ -166,12 +164,13 @@ class FaceCrafter(nnx.Module):
         return enc
 
     def encode_controls(self, *, landmarks=None, emotion=None, masks: Mapping[str, Any] | None = None,
-                        scales: Mapping[str, Any] | None = None) -> dict[str, tuple] | None:
-        """Token-encode the given raw conditions -> ``{name: (tokens [B, N, D], mask [B] or None, scale)}``.
+                        scales: Mapping[str, Any] | None = None, batch: int | None = None) -> dict[str, tuple]:
+        """Token-encode the raw conditions of every control of the model -> ``{name: (tokens [B, N, D], mask, scale)}``.
 
-        A condition left as None is absent (its branch is not run). ``masks`` / ``scales`` map a control
-        name to a per-sample array ``[B]`` or a scalar (default: mask None = on, scale 1.0). Feed the
-        result to ``self.unet(..., controls=...)``. Returns None when no condition is given.
+        A control left as None runs on its **null tokens** (the all-zero raw input through its encoder, ``batch``
+        rows): training's and sampling's meaning of an absent condition. A mask of 0 switches a branch off
+        exactly. ``masks`` / ``scales`` map a control name to a per-sample array ``[B]`` or a scalar (default:
+        mask None = on, scale 1.0). Feed the result to ``self.unet(..., controls=...)``.
         """
         masks = dict(masks or {})
         scales = dict(scales or {})
@@ -180,29 +179,38 @@ class FaceCrafter(nnx.Module):
             unknown = sorted(set(d) - set(raw))
             if unknown:
                 raise ValueError(f"encode_controls: {what} for unknown control(s) {unknown}")
-        for name, v in masks.items():
-            if v is not None and raw[name] is None:
-                raise ValueError(f"encode_controls: a {name} mask was given without a {name} input")
+        given = [n for n, x in raw.items() if x is not None]
+        for name in given:
+            self.encoder(name)  # raises for a control the model does not have
+        if batch is None:
+            if not given:
+                raise ValueError("encode_controls: give batch when no control input is given")
+            batch = int(jnp.shape(raw[given[0]])[0])
         out = {}
-        for name, x in raw.items():
-            if x is None:
-                continue
-            tokens = self.encoder(name)(x)
-            out[name] = (tokens, masks.get(name), scales.get(name, 1.0))
-        return out or None
+        for name in self.controls:
+            x = raw[name] if raw[name] is not None else null_input(name, batch)
+            out[name] = (self.encoder(name)(x), masks.get(name), scales.get(name, 1.0))
+        return out
 
     def __call__(self, latents: jax.Array, timesteps, id_context: jax.Array, *, landmarks=None, emotion=None,
                  landmark_mask=None, emotion_mask=None, landmark_scale=1.0, emotion_scale=1.0) -> jax.Array:
         """Noise prediction ``[B, H, W, 4]`` for NHWC ``latents`` given the identity context ``[B, 77, D]``.
 
-        ``landmarks`` ``[B, 478, 3]`` / ``emotion`` ``[B, 10]``: raw conditions (None: control absent).
-        ``*_mask``: per-sample 0/1 ``[B]`` (None: all on); ``*_scale``: scalar or ``[B]`` (lambda_c).
-        All masks 0, or no control given, is exactly the base UNet.
+        ``landmarks`` ``[B, 478, 3]`` / ``emotion`` ``[B, 10]``: raw conditions (None: the control's null tokens).
+        ``*_mask``: per-sample 0/1 ``[B]`` (None: all on; 0 switches a branch off); ``*_scale``: scalar or ``[B]``
+        (lambda_c). Every mask 0 is exactly the base UNet.
         """
         controls = self.encode_controls(landmarks=landmarks, emotion=emotion,
                                         masks={"landmark": landmark_mask, "emotion": emotion_mask},
-                                        scales={"landmark": landmark_scale, "emotion": emotion_scale})
+                                        scales={"landmark": landmark_scale, "emotion": emotion_scale},
+                                        batch=latents.shape[0])
         return self.unet(latents, timesteps, id_context, controls=controls)
+
+    def predict(self, latents: jax.Array, timesteps, condition) -> jax.Array:
+        """Noise prediction for a :class:`~facecrafter_jax.conditioning.ModelCondition` (context + per control
+        ``(tokens, weight)``): the one path the train step and the samplers use."""
+        controls = {name: (tokens, None, weight) for name, (tokens, weight) in condition.controls.items()}
+        return self.unet(latents, timesteps, condition.context, controls=controls or None)
 
     def forward_with_maps(self, latents, timesteps, id_context, *, capture: tuple[str, ...] = ("probs", "out"), **kwargs):
         """Like :meth:`__call__`, plus the exposed maps of the UNet's explicit cross-attention layers.
@@ -213,6 +221,13 @@ class FaceCrafter(nnx.Module):
         controls run). ``capture`` limits what is recorded (less memory). Select the layers with
         ``self.unet.configure_attention(explicit_cross_attention=...)``. Works inside ``nnx.jit`` / ``nnx.grad``.
         """
+        return self._with_maps(type(self).__call__, capture, latents, timesteps, id_context, **kwargs)
+
+    def predict_with_maps(self, latents, timesteps, condition, *, capture: tuple[str, ...] = ("probs", "out")):
+        """:meth:`predict` plus the exposed maps (as :meth:`forward_with_maps`)."""
+        return self._with_maps(type(self).predict, capture, latents, timesteps, condition)
+
+    def _with_maps(self, method, capture, *args, **kwargs):
         types = []
         for c in capture:
             if c not in ("probs", "out"):
@@ -220,7 +235,7 @@ class FaceCrafter(nnx.Module):
             types.append(AttentionProbs if c == "probs" else BranchOutputs)
         if not types:
             raise ValueError("forward_with_maps: capture is empty")
-        result = nnx.capture(type(self).__call__, *types)(self, latents, timesteps, id_context, **kwargs)
+        result = nnx.capture(method, *types)(self, *args, **kwargs)
         out, states = result[0], result[1:]
         return out, collect_control_maps(self.unet, states, prefix=("unet",))
 
@@ -256,47 +271,8 @@ def collect_control_maps(unet, states, *, prefix: tuple = ()) -> dict[int, dict[
 
 
 # --------------------------------------------------------------------------------------------
-# Export / import of the adapters in PyTorch layout, and the parameter report
+# Parameter report (weight I/O lives in facecrafter_jax/convert/adapters.py)
 # --------------------------------------------------------------------------------------------
-
-
-def _adapter_rename(module_path: str) -> str:
-    # unet.<...>.attn2.to_k_c.<name> -> <...>.attn2.processor.to_k_c.<name> (diffusers' processor path)
-    if module_path.startswith("unet."):
-        head, sep, tail = module_path[len("unet."):].partition(".attn2.")
-        if not sep:
-            raise ValueError(f"unexpected adapter parameter outside a cross-attention layer: {module_path}")
-        return f"{head}.attn2.processor.{tail}"
-    return module_path
-
-
-def adapter_key_map(model: FaceCrafter):
-    """One rule per :class:`~facecrafter_jax.models.control.AdapterParam`: Flax path <-> PyTorch key.
-
-    ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k_c.landmark.kernel`` <->
-    ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_c.landmark.weight``;
-    ``landmark_encoder.proj_in.kernel`` <-> ``landmark_encoder.proj_in.weight`` (norm ``scale`` -> ``weight``).
-    """
-    from ..convert.weights import build_key_map
-    from .control import AdapterParam
-
-    return build_key_map(model, variable_type=AdapterParam, rename=_adapter_rename)
-
-
-def export_adapter_state(model: FaceCrafter) -> dict:
-    """The adapters as a PyTorch-layout state dict of float32 NumPy arrays (see :func:`adapter_key_map`)."""
-    from ..convert.weights import export_torch_state
-    from .control import AdapterParam
-
-    return export_torch_state(model, adapter_key_map(model), variable_type=AdapterParam)
-
-
-def load_adapter_state(model: FaceCrafter, state: Mapping) -> None:
-    """Inverse of :func:`export_adapter_state` (strict: missing / unused / mis-shaped keys raise, naming the key)."""
-    from ..convert.weights import load_torch_state
-    from .control import AdapterParam
-
-    load_torch_state(model, state, adapter_key_map(model), variable_type=AdapterParam)
 
 
 def parameter_report(unet_config, config: FaceCrafterConfig | None = None) -> dict[str, Any]:

@@ -28,13 +28,13 @@ import numpy as np
 def _sheets(args) -> None:
     import dataclasses
 
-    from .render import contact_sheet, save_png
+    from facecrafter_jax.image_grid import image_grid, save_png
     from .world import ToyWorld, WorldConfig
 
     os.makedirs(args.out, exist_ok=True)
     world = ToyWorld(WorldConfig(num_identities=args.identities, seed=args.seed))
     samples = world.generate(32, seed=args.seed + 1).images
-    save_png(contact_sheet(samples, 8), os.path.join(args.out, "toy_world_samples.png"), palette=True)
+    save_png(image_grid(samples, 8), os.path.join(args.out, "toy_world_samples.png"), palette=True)
     res, ident = 80, args.identity
     rows = []
     a = world.sample(8, seed=2, identity=ident, emotion=np.arange(8), intensity=1.0, head_pose=[0.0, 0.0, 0.0])
@@ -52,7 +52,7 @@ def _sheets(args) -> None:
     a = world.sample(8, seed=5, identity=np.arange(8) + ident + 1, emotion=3, intensity=1.0,
                      head_pose=[15.0, 5.0, 0.0])
     rows.append(world.render(a, res))
-    save_png(contact_sheet(np.concatenate(rows), 8), os.path.join(args.out, "toy_world_controls.png"), palette=True)
+    save_png(image_grid(np.concatenate(rows), 8), os.path.join(args.out, "toy_world_controls.png"), palette=True)
     print(json.dumps({"written": sorted(f for f in os.listdir(args.out) if f.startswith("toy_world_"))}))
 
 

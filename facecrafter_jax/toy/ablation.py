@@ -30,6 +30,7 @@ import numpy as np
 __all__ = ["VARIANTS", "run_ablation", "plot_ablation", "main"]
 
 NO_MIXING = ("conditioning.id_only=0", "conditioning.id_landmark=0", "conditioning.id_emotion=0",
+             "conditioning.landmark_emotion=0", "conditioning.landmark_only=0", "conditioning.emotion_only=0",
              "conditioning.id_landmark_emotion=0.95", "conditioning.all_null=0.05")
 
 VARIANTS: dict[str, tuple[str, tuple[str, ...] | None]] = {

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..data.records import EMOTION_CLASSES, NUM_LANDMARKS
+from facecrafter_jax.face.vocabulary import NUM_EMOTIONS, NUM_LANDMARKS
 
 __all__ = [
     "AnalyserConfig", "Backbone", "AnalyserNet", "ToyAnalysers",
@@ -42,7 +41,6 @@ __all__ = [
 ]
 
 POSE_SCALE_DEG = 30.0  # pose targets are divided by this
-NUM_EMOTIONS = len(EMOTION_CLASSES)
 OUTER_EYE_CORNERS = (33, 263)  # NME normaliser (inter-ocular distance, as for 300-W / WFLW)
 
 

@@ -12,7 +12,7 @@ displacement fields on the 468 vertices, in centimetres), then the irises, then 
 pose and a scaled orthographic projection into the image:
 
 * head frame: x to the subject's left, y up, z towards the viewer (MediaPipe's canonical frame);
-* rotation ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` (same convention as ``data_prep.landmarks``): yaw > 0
+* rotation ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` (:mod:`facecrafter_jax.face.geometry`): yaw > 0
   turns the face towards the image right, pitch > 0 tilts it down, roll > 0 turns it counter-clockwise;
 * landmark ``x = cx + s * X``, ``y = cy - s * Y`` in units of the image side, ``z = -s * Z`` (smaller is
   closer to the camera, same units as x, zero at the head-frame origin), with ``(X, Y, Z) = R p``.
@@ -29,6 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from facecrafter_jax.face.geometry import rotation_from_pose
+from facecrafter_jax.face.vocabulary import NUM_LANDMARKS
+
 from .canonical_mesh import CANONICAL_VERTICES, NUM_MESH_VERTICES
 
 __all__ = [
@@ -36,11 +39,9 @@ __all__ = [
     "RIGHT_EYE_UPPER", "RIGHT_EYE_LOWER", "LEFT_EYE_UPPER", "LEFT_EYE_LOWER", "RIGHT_BROW", "LEFT_BROW",
     "LIPS_OUTER_UPPER", "LIPS_OUTER_LOWER", "LIPS_INNER_UPPER", "LIPS_INNER_LOWER", "RIGHT_IRIS", "LEFT_IRIS",
     "NOSE_RIDGE", "RIGHT_FOLD", "LEFT_FOLD", "FOREHEAD_LINE", "RIGHT_NOSE_SIDE", "LEFT_NOSE_SIDE", "BEARD_FULL", "BEARD_GOATEE", "MIRROR",
-    "FaceTemplate", "face_template", "face_points", "rotation_matrices", "project", "DEFAULT_CENTER",
+    "FaceTemplate", "face_template", "face_points", "project", "DEFAULT_CENTER",
     "DEFAULT_SCALE", "eye_loop", "lips_outer_loop", "lips_inner_loop",
 ]
-
-NUM_LANDMARKS = 478
 
 # --------------------------------------------------------------------------- MediaPipe index sets
 # Chains are ordered from the image-left end (subject's right) to the image-right end when frontal.
@@ -327,18 +328,6 @@ def face_points(shape, expression, gaze=None, iris_radius=None) -> np.ndarray:
     return np.concatenate([mesh] + irises, axis=1)
 
 
-def rotation_matrices(head_pose) -> np.ndarray:
-    """[N, 3, 3] rotations ``Rz(roll) @ Ry(yaw) @ Rx(pitch)`` for head_pose [N, 3] = (yaw, pitch, roll) degrees."""
-    hp = np.deg2rad(_as_2d(head_pose, 3, "head_pose"))
-    yaw, pitch, roll = hp[:, 0], hp[:, 1], hp[:, 2]
-    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
-    o, z = np.ones_like(yaw), np.zeros_like(yaw)
-    rx = np.stack([o, z, z, z, cp, -sp, z, sp, cp], -1).reshape(-1, 3, 3)
-    ry = np.stack([cy, z, sy, z, o, z, -sy, z, cy], -1).reshape(-1, 3, 3)
-    rz = np.stack([cr, -sr, z, sr, cr, z, z, z, o], -1).reshape(-1, 3, 3)
-    return rz @ ry @ rx
-
-
 def project(points, head_pose, center=None, scale=None) -> np.ndarray:
     """Rotates head-frame points [N, P, 3] (cm) by the head pose and projects them (scaled orthographic).
 
@@ -351,7 +340,7 @@ def project(points, head_pose, center=None, scale=None) -> np.ndarray:
     if p.ndim != 3 or p.shape[2] != 3:
         raise ValueError(f"points must have shape [N, P, 3], got {p.shape}")
     n = p.shape[0]
-    r = rotation_matrices(head_pose)
+    r = rotation_from_pose(_as_2d(head_pose, 3, "head_pose"))
     if r.shape[0] != n:
         raise ValueError(f"head_pose has {r.shape[0]} rows, points {n}")
     c = np.broadcast_to(np.asarray(DEFAULT_CENTER if center is None else center, np.float64), (n, 2))

@@ -235,9 +235,9 @@ class ToyPipeline:
             np.savez(tmp, **data)
             os.replace(tmp, d / f"{split}.npz")
             self._data[split] = data
-        from .render import contact_sheet, save_png
+        from facecrafter_jax.image_grid import image_grid, save_png
 
-        save_png(contact_sheet(self.data("train")["images"][:32], 8), d / "train_samples.png")
+        save_png(image_grid(self.data("train")["images"][:32], 8), d / "train_samples.png")
         return {"train_images": self.cfg.train_images, "test_images": self.cfg.test_images,
                 "world": self.world.config.to_dict()}
 

@@ -4,7 +4,8 @@ Samples can hide a weak control (an under-trained base renders neither pose nor 
 toy report also measures the control where it is trained: the epsilon-prediction loss on held-out renders
 at fixed noise levels, for every control of a model, with
 
-    id_only   the identity alone (control branches off: exactly the base UNet)
+    id_only   the identity alone with the control branches switched off: exactly the base UNet (a model's
+              default ID-only, every control on its null tokens, is ``null`` below for a one-control model)
     with      identity + the control's real value
     null      identity + the control's null tokens (all-zero raw input; what training uses for "dropped")
 
@@ -32,8 +33,9 @@ _FIELD = {"landmark": "landmarks", "emotion": "emotion"}  # control -> record fi
 
 @nnx.jit(static_argnames=("kwarg",))
 def _loss(model, xt, t, ctx, noise, value, kwarg: str | None):
-    kw = {} if kwarg is None else {kwarg: value}
-    eps = model(xt, t, ctx, **kw)
+    # kwarg None: the identity alone with every control branch switched off, i.e. exactly the base UNet (the
+    # model's default ID-only, all controls on their null tokens, equals ``null`` of a one-control model)
+    eps = model.unet(xt, t, ctx) if kwarg is None else model(xt, t, ctx, **{kwarg: value})
     return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise), axis=(1, 2, 3))
 
 

@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facecrafter_jax.face.geometry import rotation_from_pose
+
 from . import landmarks as L
 
-__all__ = ["FaceParams", "render_faces", "face_landmarks", "contact_sheet", "save_png"]
+__all__ = ["FaceParams", "render_faces", "face_landmarks"]
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ _FLIP = np.diag([1.0, -1.0, 1.0])
 
 def _camera(params: FaceParams, res: int):
     """Per-image rotation, pixel origin and pixel scale; maps head-frame cm -> (u, v, w) pixels."""
-    rot = L.rotation_matrices(params.head_pose)
+    rot = rotation_from_pose(params.head_pose)
     origin = np.concatenate([params.center * res, np.zeros((len(params), 1))], 1)
     s = params.scale * res
     return rot, origin, s
@@ -614,29 +616,3 @@ def render_faces(params: FaceParams, resolution: int = 64, batch_size: int = 128
         img = np.asarray(_draw_batch(chunk, int(resolution)))[: j - i]
         out[i:j] = np.round(img * 255.0).astype(np.uint8)
     return (out, lm) if return_landmarks else out
-
-
-def contact_sheet(images: np.ndarray, ncols: int, pad: int = 2, background: int = 255) -> np.ndarray:
-    """Tiles uint8 images [N, H, W, 3] into one grid image (row-major, ``ncols`` per row)."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    n, h, w, _ = images.shape
-    ncols = max(1, min(int(ncols), n))
-    nrows = -(-n // ncols)
-    sheet = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), background, np.uint8)
-    for k in range(n):
-        r, c = divmod(k, ncols)
-        sheet[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[k]
-    return sheet
-
-
-def save_png(image: np.ndarray, path, palette: bool = False) -> None:
-    """Writes a uint8 RGB image [H, W, 3] as PNG (Pillow); ``palette`` stores 256 adaptive colours (smaller
-    files for documentation, lossy)."""
-    from PIL import Image
-
-    im = Image.fromarray(np.asarray(image, np.uint8), "RGB")
-    if palette:
-        im = im.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    im.save(path, optimize=True)

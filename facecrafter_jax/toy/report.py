@@ -190,7 +190,7 @@ def evaluation_context(p) -> dict[str, Any]:
 def evaluate_pipeline(p) -> dict[str, Any]:
     """The ``evaluate`` stage of :class:`~facecrafter_jax.toy.pipeline.ToyPipeline`; returns the report dict."""
     from .stages import EXPORTS
-    from .render import contact_sheet, save_png
+    from facecrafter_jax.image_grid import image_grid, save_png
     from .world import emotion_vectors
 
     ev = p.cfg.evaluation
@@ -216,7 +216,7 @@ def evaluate_pipeline(p) -> dict[str, Any]:
     pick = np.arange(0, len(cond["identity"]), max(1, len(cond["identity"]) // 8))[:8]
     cols = [cond["images"][pick]] + [images[label][pick] for label, _, _ in SETS]
     grid = np.stack(cols, 1).reshape((-1,) + cond["images"].shape[1:])
-    save_png(contact_sheet(_upscale(grid), len(cols)), img_dir / "comparison.png")
+    save_png(image_grid(_upscale(grid), len(cols)), img_dir / "comparison.png")
 
     # emotion sweep of the joint model (ID+EMO): 4 identities x 8 emotions at full intensity
     joint = pipes["joint"]
@@ -234,7 +234,7 @@ def evaluate_pipeline(p) -> dict[str, Any]:
     sweep_imgs = np.concatenate(sweep_imgs)
     sweep_pred = analysers.analyse(sweep_imgs)["emotion_probs"].argmax(-1)
     sweep_acc = float((sweep_pred == np.tile(np.arange(8), len(ids4))).mean())
-    save_png(contact_sheet(_upscale(sweep_imgs), 8), img_dir / "emotion_sweep.png")
+    save_png(image_grid(_upscale(sweep_imgs), 8), img_dir / "emotion_sweep.png")
 
     # pose sweep of the joint model (ID+LMK): landmarks of renders at yaw -40..40, neutral, same noise per row
     yaws = np.linspace(-40, 40, 7)
@@ -254,7 +254,7 @@ def evaluate_pipeline(p) -> dict[str, Any]:
     rows_img = []
     for i in range(len(ids4)):
         rows_img += [pose_real[i], pose_imgs[i * 7:(i + 1) * 7]]
-    save_png(contact_sheet(_upscale(np.concatenate(rows_img)), 7), img_dir / "pose_sweep.png")
+    save_png(image_grid(_upscale(np.concatenate(rows_img)), 7), img_dir / "pose_sweep.png")
 
     # control probe: denoising loss with each control vs its null tokens, on held-out renders
     from .probe import control_probe

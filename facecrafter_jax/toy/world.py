@@ -23,31 +23,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..data.records import EMOTION_CLASSES
+from facecrafter_jax.face.vocabulary import EMOTION_CLASSES, ID_DIM, NUM_EMOTIONS, VALENCE_AROUSAL
+
 from . import landmarks as L
 from .render import FaceParams, render_faces
 
 __all__ = [
     "EMOTION_CLASSES", "SCENES", "VALENCE_AROUSAL", "EMOTION_EXPRESSIONS", "HAIR_STYLES", "WorldConfig", "Identities",
-    "Attributes", "ToyBatch", "ToyWorld", "emotion_vectors", "write_records", "ARCFACE_DIM",
+    "Attributes", "ToyBatch", "ToyWorld", "emotion_vectors", "write_records",
 ]
-
-ARCFACE_DIM = 512
-NUM_EMOTIONS = len(EMOTION_CLASSES)
-
-# Circumplex positions (valence, arousal) at full intensity, after Russell's circumplex model and the
-# AffectNet class means (rounded): pleasant / unpleasant on x, calm / excited on y.
-VALENCE_AROUSAL = np.array([
-    [0.0, 0.0],     # neutral
-    [0.8, 0.5],     # happy
-    [-0.7, -0.4],   # sad
-    [0.3, 0.8],     # surprise
-    [-0.6, 0.7],    # fear
-    [-0.7, 0.3],    # disgust
-    [-0.6, 0.8],    # anger
-    [-0.5, 0.2],    # contempt
-], np.float32)
-VALENCE_AROUSAL.setflags(write=False)
 
 
 def _expr(**kw) -> np.ndarray:
@@ -97,14 +81,11 @@ _GLASSES_COLOURS = np.array([[0.05, 0.05, 0.05], [0.35, 0.2, 0.1], [0.8, 0.65, 0
 
 
 def checked_config_dict(cls, d: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    """``dict(d)`` after checking every key is a field of dataclass ``cls`` (else a ValueError naming the
-    unknown keys of the ``what`` config); shared by the toy world, analyser and VAE configs."""
-    d = dict(d or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} config key(s) {unknown}; known: {sorted(known)}")
-    return d
+    """The keyword arguments of dataclass ``cls`` in ``d``: keys checked (an unknown key of the ``what`` config is
+    a ConfigError naming it), values coerced to the field types; shared by the toy world, analyser and VAE configs."""
+    from facecrafter_jax.config import fields_from_dict  # the one config engine: typed values, unknown keys named
+
+    return fields_from_dict(cls, d, what=what)
 
 
 @dataclass(frozen=True)
@@ -350,7 +331,7 @@ class ToyWorld:
         arrays["glasses"] = (ex[:, 0] < c.p_glasses).astype(np.float64)
         arrays["beard"] = np.where(ex[:, 1] < c.p_beard, 0.55 + 0.4 * ex[:, 2], 0.0)
         arrays["beard_style"] = (ex[:, 3] < 0.4).astype(np.float64)
-        arc = np.stack([np.random.default_rng([c.seed, 2, i]).standard_normal(ARCFACE_DIM)
+        arc = np.stack([np.random.default_rng([c.seed, 2, i]).standard_normal(ID_DIM)
                         for i in range(c.num_identities)])
         arrays["arcface"] = (arc / np.linalg.norm(arc, axis=1, keepdims=True)).astype(np.float32)
         arrays["hair_style"] = arrays["hair_style"].astype(np.int64)

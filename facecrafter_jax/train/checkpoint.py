@@ -12,18 +12,27 @@ Each step folder holds four items of one ``ocp.args.Composite``:
 
 Saves are asynchronous (``checkpoint.async_save``); a killed process leaves at most an uncommitted
 temporary folder, which orbax ignores and removes. Retention: the last ``keep_last`` steps plus the
-``keep_best`` best by ``best_metric`` (orbax ``LatestN`` + ``BestN`` preservation policies).
+``keep_best`` best by ``best_metric`` (orbax ``LatestN`` + ``BestN`` preservation policies); older steps
+are removed only after a newer save committed, so a save that fails (disk full, read-only directory)
+leaves every earlier checkpoint intact and is a :class:`CheckpointSaveError` naming the step, the reason
+and the steps that remain.
 
 On resume the checkpoint's ``meta`` and ``config`` are compared with the current run first:
 a different architecture (parameter names / shapes), or a change of a setting that changes the
 optimisation (``model``, ``loss``, ``optim``, ``conditioning``, ``seed``, data order) is a
 :class:`CheckpointMismatchError` listing the differences; an unreadable step is a
-:class:`CheckpointCorruptError`.
+:class:`CheckpointCorruptError`, which the trainer answers by moving the step aside
+(:meth:`Checkpointer.quarantine`, into ``<run_dir>/damaged_checkpoints``) and resuming from the newest
+older step that restores.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,20 +40,23 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from facecrafter_jax.errors import CheckpointError, CheckpointNotFoundError
+
 from .config import CheckpointConfig
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "CheckpointMismatchError", "CheckpointCorruptError",
-           "Checkpointer", "RESUME_KEYS", "config_differences", "load_trained_params", "find_step_dir"]
+           "CheckpointSaveError", "Checkpointer", "RESUME_KEYS", "config_differences", "load_trained_params",
+           "find_step_dir", "DAMAGED_DIR"]
+
+DAMAGED_DIR = "damaged_checkpoints"
+"""Folder (beside ``checkpoints``) that receives step folders that failed to restore."""
 
 FORMAT_VERSION = 1
 RESUME_KEYS = ("seed", "stage", "model", "loss", "optim", "conditioning", "data.global_batch_size", "data.seed",
                "data.synthetic")
 """Config sections / keys that must not change when a run resumes (dotted prefixes)."""
-_IGNORED_ON_RESUME = ("model.pretrained", "model.init_from")  # paths may move; checked by meta instead
-
-
-class CheckpointError(RuntimeError):
-    """Base class of checkpoint problems."""
+_IGNORED_ON_RESUME = ("model.pretrained", "model.init_from",  # paths may move; checked by meta instead
+                      "optim.max_nonfinite_steps")  # a stopping rule, not part of the optimisation
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -54,6 +66,62 @@ class CheckpointMismatchError(CheckpointError):
 class CheckpointCorruptError(CheckpointError):
     """The checkpoint cannot be read (missing or damaged files)."""
 
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, read-only or vanished directory); earlier ones are intact."""
+
+
+_OS_REASONS = ("No space left on device", "File too large", "Read-only file system", "Permission denied",
+               "Disk quota exceeded", "No such file or directory", "Input/output error")
+
+
+def _short_reason(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    for reason in _OS_REASONS:
+        if reason in text:
+            m = re.search(r'(?:to|writing:?|file) "?(/[^"\s:]+)', text)
+            return f"{reason}" + (f" ({m.group(1)})" if m else "")
+    return " ".join(text.split())[:300]
+
+
+class _QuietOrbaxThreads(logging.Filter):
+    """orbax logs failed background saves with a traceback before the error reaches us; keep only the line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in (record.pathname or "") and record.levelno >= logging.ERROR:
+            record.msg = " ".join(record.getMessage().split())[:500]
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_QUIET = _QuietOrbaxThreads()
+
+
+def _is_closed_loop_noise(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _install_closed_loop_filter() -> None:
+    """After a failed asynchronous save, tensorstore's write callbacks still try to reach orbax's (closed)
+    asyncio loop from C++ threads, and each prints ``RuntimeError: Event loop is closed`` with a traceback.
+    The failure itself is reported as a :class:`CheckpointSaveError`; drop exactly this echo (any other
+    exception still reaches the previous hooks)."""
+    if getattr(sys.excepthook, "_facecrafter", False):
+        return
+    prev_except, prev_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(tp, value, tb):
+        if not _is_closed_loop_noise(value):
+            prev_except(tp, value, tb)
+
+    def unraisablehook(unraisable):
+        if not _is_closed_loop_noise(unraisable.exc_value):
+            prev_unraisable(unraisable)
+
+    excepthook._facecrafter = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, Mapping):
@@ -125,7 +193,15 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=cfg.async_save, create=True, cleanup_tmp_directories=True,
             preservation_policy=cm.AnyPreservationPolicy(policies))
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        absl_logger = logging.getLogger("absl")
+        if _QUIET not in absl_logger.filters:
+            absl_logger.addFilter(_QUIET)
+        _install_closed_loop_filter()
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise CheckpointSaveError(f"cannot use checkpoint directory {self.directory}: {_short_reason(e)}") from None
+        self._pending: int | None = None  # step of an asynchronous save not yet known to be committed
 
     # ------------------------------------------------------------------------------------------ save
     def save(self, step: int, state: Mapping[str, Any], pipeline=None, *, metrics: Mapping[str, float] | None = None,
@@ -141,14 +217,36 @@ class Checkpointer:
             raise KeyError(f"checkpoint.best_metric {self.cfg.best_metric!r} is not a logged metric "
                            f"(have {sorted(metrics)})")
         clean = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=clean, force=force)
+        with self._save_errors(int(step)):
+            saved = self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=clean, force=force)
+        if saved:
+            self._pending = int(step)
+        return saved
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the last save committed; a failure is a :class:`CheckpointSaveError`."""
+        with self._save_errors(None):
+            self.manager.wait_until_finished()
+        self._pending = None
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, *, quiet: bool = False) -> None:
+        """Wait for the last save and release the manager; ``quiet``: swallow a failed save (used while
+        another error is already propagating)."""
+        error = None
+        try:
+            self.wait()
+        except CheckpointSaveError as e:
+            error = e
+        try:
+            with self._save_errors(None):
+                self.manager.close()
+        except CheckpointSaveError as e:  # closing after a failed save reports the same failure again
+            error = error or e
+        if error is not None and not quiet:
+            raise error
+
+    def _save_errors(self, step: int | None) -> "_SaveErrors":
+        return _SaveErrors(self, step)
 
     # ------------------------------------------------------------------------------------------ restore
     def latest_step(self) -> int | None:
@@ -169,19 +267,22 @@ class Checkpointer:
             raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory}: config/meta items are not JSON objects")
         return dict(r.config), dict(r.meta)
 
-    def check_compatible(self, step: int) -> None:
-        """Raise :class:`CheckpointMismatchError` if step ``step`` does not belong to this run's model/config."""
+    def check_compatible(self, step: int) -> dict:
+        """Raise :class:`CheckpointMismatchError` if step ``step`` does not belong to this run's model/config;
+        returns the step's ``meta``."""
         config, meta = self.read_json_items(step)
         diffs = _meta_differences(meta, self.meta) + config_differences(config, self.config_dict)
         if diffs:
             raise CheckpointMismatchError(
-                f"checkpoint step {step} in {self.directory} does not match this run:\n  " + "\n  ".join(diffs)
-                + "\nUse a new run_dir (or checkpoint.resume=false to start over in this one).")
+                f"checkpoint step {step} in {self.directory} does not match this run: " + "; ".join(diffs)
+                + ". Use a new run_dir (or checkpoint.resume=false to start over in this one).")
+        return meta
 
     def restore(self, step: int, abstract_state: Mapping[str, Any], pipeline=None) -> dict:
         """Check compatibility, then restore the state (into ``abstract_state``'s shardings) and the
-        pipeline position (in place)."""
+        pipeline position (in place; ``pipeline=None`` leaves the data iterator where it is)."""
         from facecrafter_jax.data import iterator_restore_args
+        from facecrafter_jax.data.pipeline import IteratorStateMismatch
 
         self.check_compatible(step)
         items = dict(state=ocp.args.StandardRestore(dict(abstract_state)))
@@ -190,9 +291,72 @@ class Checkpointer:
         try:
             r = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001
+            cause = _find_cause(e, IteratorStateMismatch)
+            if cause is not None:
+                raise CheckpointMismatchError(f"checkpoint step {step} in {self.directory}: the data iterator was "
+                                              f"saved by a different input pipeline ({cause}); use the same data "
+                                              "settings as the run that wrote it") from None
             raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} could not be restored "
-                                         f"(corrupt or incomplete): {type(e).__name__}: {e}") from e
+                                         f"(damaged or incomplete): {_short_reason(e)}") from e
         return dict(r.state)
+
+    def quarantine(self, step: int) -> Path | None:
+        """Move step ``step`` out of the checkpoint folder into ``<run_dir>/damaged_checkpoints/<step>[-N]``
+        (never deleted); returns the new path (primary process; others wait and return None)."""
+        target = None
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            base = self.directory.parent / DAMAGED_DIR
+            base.mkdir(parents=True, exist_ok=True)
+            target = base / str(step)
+            n = 1
+            while target.exists():
+                target = base / f"{step}-{n}"
+                n += 1
+            if src.exists():
+                shutil.move(str(src), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine_{step}")
+        self.manager.reload()
+        return target
+
+
+class _SaveErrors:
+    """Turns an exception of a (possibly earlier, asynchronous) save into a :class:`CheckpointSaveError` that
+    names the failed step, the reason and the steps still on disk."""
+
+    def __init__(self, ck: "Checkpointer", step: int | None):
+        self.ck, self.step = ck, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, CheckpointError):
+            return False
+        ck = self.ck
+        failed = ck._pending if ck._pending is not None else self.step
+        ck._pending = None
+        kept = sorted(int(p.name) for p in ck.directory.iterdir() if p.name.isdigit() and p.is_dir()) \
+            if ck.directory.is_dir() else []
+        kept = [k for k in kept if k != failed]
+        where = f"step {failed}" if failed is not None else "a checkpoint"
+        raise CheckpointSaveError(
+            f"could not save checkpoint {where} to {ck.directory}: {_short_reason(exc)}. The earlier checkpoints "
+            f"are intact (steps {kept if kept else 'none'}): free disk space or fix the directory's permissions, "
+            "then run the same command again to resume" + (f" from step {kept[-1]}" if kept else "")) from None
+
+
+def _find_cause(e: BaseException | None, kind: type) -> BaseException | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def find_step_dir(path: str | os.PathLike) -> Path:
@@ -206,7 +370,7 @@ def find_step_dir(path: str | os.PathLike) -> Path:
     steps = sorted((int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir()), reverse=True) \
         if p.is_dir() else []
     if not steps:
-        raise FileNotFoundError(f"no training checkpoint found at {path}")
+        raise CheckpointNotFoundError(f"no training checkpoint found at {path}")
     return p / str(steps[0])
 
 

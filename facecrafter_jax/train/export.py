@@ -41,6 +41,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, vae: str | os.
 
     step_dir = find_step_dir(run)
     values, config = load_trained_params(step_dir, prefer_ema=prefer_ema)
+    _fill_encoder_widths(config, values)
     cfg = from_dict(TrainConfig, config).validate()
     pretrained_has_vae = (cfg.model.pretrained is not None
                           and "vae" in read_manifest(cfg.model.pretrained)["components"])
@@ -76,3 +77,19 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, vae: str | os.
         parts["vae"] = vae_module
     save_pretrained(str(out), **parts)
     return {"components": sorted(parts), "step_dir": str(step_dir), "stage": cfg.stage}
+
+
+def _fill_encoder_widths(config: dict, values) -> None:
+    """Take an encoder width the run's config left at its default from the trained parameters (in place).
+
+    The defaults changed (landmark 1024 -> 1434, emotion 512 -> 510, so the diffusers IP-Adapter export is
+    exact); a run that relied on the old defaults still exports with the widths it was trained with.
+    """
+    model = config.get("model")
+    fc = model.get("facecrafter") if isinstance(model, dict) else None
+    if not isinstance(fc, dict):
+        return
+    for name in ("landmark", "emotion"):
+        kernel = values.get(f"facecrafter.{name}_encoder.proj_in.kernel")
+        if kernel is not None and f"{name}_hidden_dim" not in fc:
+            fc[f"{name}_hidden_dim"] = int(np.shape(kernel)[1])

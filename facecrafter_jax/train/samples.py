@@ -6,7 +6,9 @@ the whole run and across resumes). Columns: one per conditioning setup the model
 landmarks / emotion. Every image starts from the same seeded noise per row
 (:func:`facecrafter_jax.sampling.initial_noise`), so columns differ only by the conditions.
 Sampling: ``sample.scheduler`` with ``sample.num_steps`` steps and classifier-free guidance
-``sample.guidance_scale`` against the null condition (empty-prompt identity, controls off).
+``sample.guidance_scale`` against the null condition (empty-prompt identity, every control on its null tokens);
+a column's absent controls are their null tokens too. The conditions come from
+:func:`facecrafter_jax.conditioning.setup_conditions`, as in the samplers.
 The trained parameters used are the EMA copy when the run keeps one.
 
 Written to ``<run_dir>/samples/step_XXXXXXX.png`` (and TensorBoard). Without a VAE in the model config
@@ -54,6 +56,7 @@ def generate(trainer, params, conds: dict[str, np.ndarray]) -> tuple[np.ndarray,
     import jax
     import jax.numpy as jnp
 
+    from facecrafter_jax import conditioning as C
     from facecrafter_jax import sampling as SP
     from facecrafter_jax import tokens as _tokens
 
@@ -68,27 +71,19 @@ def generate(trainer, params, conds: dict[str, np.ndarray]) -> tuple[np.ndarray,
 
     def program(params, frozen, arcface, landmarks, emotion, noise):
         model = world.merge(params, frozen)
-        fc, text = model.denoiser, model.text_encoder
+        text = model.text_encoder
         ctx = text.encode_id(arcface)
-        empty = jnp.broadcast_to(text.encode_ids(np.asarray(_tokens.EMPTY_PROMPT_IDS)[None]), ctx.shape)
+        empty = text.encode_ids(np.asarray(_tokens.EMPTY_PROMPT_IDS)[None])
+        inputs = {"landmark": landmarks, "emotion": emotion}
         outs = []
         for _, active in setups:
-            def cond(c, on):
-                d = {"ctx": c}
-                if "landmark" in controls:
-                    d["landmarks"] = landmarks
-                    d["landmark_mask"] = jnp.full((rows,), 1.0 if (on and "landmark" in active) else 0.0)
-                if "emotion" in controls:
-                    d["emotion"] = emotion
-                    d["emotion_mask"] = jnp.full((rows,), 1.0 if (on and "emotion" in active) else 0.0)
-                return d
-
-            def model_fn(x, t, c):
-                kw = {k: v for k, v in c.items() if k != "ctx"}
-                return fc(x, t, c["ctx"], **kw)
-
-            outs.append(SP.sample_latents(model_fn, plan, noise, [cond(empty, False), cond(ctx, True)],
-                                          [cfg.sample.guidance_scale]))
+            if controls:
+                conds = C.setup_conditions(model.denoiser, [C.Setup(identity=False), C.Setup(controls=active)], ctx,
+                                           empty, inputs={c: inputs[c] for c in active})
+                model_fn = model.denoiser.predict
+            else:
+                conds, model_fn = [empty, ctx], model.denoiser
+            outs.append(SP.sample_latents(model_fn, plan, noise, conds, [cfg.sample.guidance_scale]))
         return jnp.stack(outs, axis=1)  # [rows, cols, h, w, 4]
 
     # Replicated output: every process can read it (the parameters may be sharded across hosts).
@@ -116,20 +111,11 @@ def _latent_hw(trainer) -> tuple[int, int, int]:
     return (s, s, 4)
 
 
-def _grid(images: np.ndarray) -> np.ndarray:
-    rows, cols, h, w, c = images.shape
-    pad = 2
-    out = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.float32)
-    for i in range(rows):
-        for j in range(cols):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            out[y:y + h, x:x + w] = images[i, j]
-    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
-
-
 def write_sample_grid(trainer, step: int, logger) -> Path | None:
     """Generate and write the grid for ``step`` (all processes compute; the primary writes)."""
     from PIL import Image
+
+    from facecrafter_jax.image_grid import image_grid
 
     if not hasattr(trainer, "_sample_conds"):
         trainer._sample_conds = fixed_conditions(trainer.data_dir, trainer.cfg.sample.num_identities)
@@ -137,7 +123,7 @@ def write_sample_grid(trainer, step: int, logger) -> Path | None:
     _, images, labels = generate(trainer, params, trainer._sample_conds)
     if not trainer.primary:
         return None
-    grid = _grid(images)
+    grid = image_grid(images)
     out = Path(trainer.run_dir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step_{step:07d}.png"

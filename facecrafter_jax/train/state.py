@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .config import ModelConfig, OptimConfig, TrainConfig
+from .config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 
 __all__ = ["TrainModel", "World", "build_world", "make_lr_schedule", "make_optimizer", "init_train_state",
            "dotted", "trainable_meta", "load_init_params", "BASE_TRAINABLE"]
@@ -46,7 +46,7 @@ class TrainModel(nnx.Module):
     """What one train step runs: the denoiser and the ``text_encoder`` (Arc2Face's identity encoder).
 
     The denoiser is ``facecrafter`` (the UNet with control adapters and token encoders; control stages)
-    or ``unet`` (the bare Arc2Face UNet; the ``base`` stage). :meth:`denoise` calls whichever it is.
+    or ``unet`` (the bare Arc2Face UNet; the ``base`` stage); :attr:`denoiser` is whichever it is.
     """
 
     def __init__(self, denoiser: nnx.Module, text_encoder: nnx.Module):
@@ -61,12 +61,6 @@ class TrainModel(nnx.Module):
     @property
     def denoiser(self) -> nnx.Module:
         return self.facecrafter if hasattr(self, "facecrafter") else self.unet
-
-    def denoise(self, latents, timesteps, context, **inputs):
-        """Noise (or v) prediction; ``inputs`` are FaceCrafter's control arguments (none for the base)."""
-        if inputs and not hasattr(self, "facecrafter"):
-            raise ValueError(f"the base model takes no control inputs, got {sorted(inputs)}")
-        return self.denoiser(latents, timesteps, context, **inputs)
 
 
 BASE_TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("token_embedding")))
@@ -166,7 +160,7 @@ def build_world(cfg: TrainConfig, *, load_vae: bool = False) -> World:
 
     m: ModelConfig = cfg.model
     if m.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
+        raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
     dtype = DTYPES[m.dtype]
     vae = None
     if m.pretrained is not None:
@@ -191,7 +185,7 @@ def build_world(cfg: TrainConfig, *, load_vae: bool = False) -> World:
         from facecrafter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
         if m.unet is None or m.text_encoder is None:
-            raise ValueError("model.pretrained is null: model.unet and model.text_encoder must give inline configs")
+            raise ConfigError("model.pretrained is null: model.unet and model.text_encoder must give inline configs")
         unet = UNet2DConditionModel.create_abstract(UNet2DConditionConfig.from_diffusers_config(_plain_dict(m.unet)),
                                                     dtype=dtype, **_unet_options(cfg))
         random_fill_(unet, m.init_seed)
@@ -208,7 +202,7 @@ def build_world(cfg: TrainConfig, *, load_vae: bool = False) -> World:
 
     if cfg.stage == "base":
         if m.init_from:
-            raise ValueError("model.init_from is for control stages; the base stage starts from model.pretrained "
+            raise ConfigError("model.init_from is for control stages; the base stage starts from model.pretrained "
                              "or the inline configs")
         fc_config = None
         model = TrainModel(unet, text_encoder)
@@ -222,7 +216,7 @@ def build_world(cfg: TrainConfig, *, load_vae: bool = False) -> World:
     params, p_paths = _flat(trainable)
     frozen_flat, f_paths = _flat(frozen)
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise ConfigError("the model has no trainable parameters")
     scaling = float(vae_cfg.scaling_factor) if vae_cfg is not None else 0.18215
     shift = (float(vae_cfg.shift_factor) if (vae_cfg is not None and vae_cfg.shift_factor is not None) else None)
     meta = {"params": trainable_meta(params), "base": _frozen_digest(frozen_flat),
@@ -284,7 +278,7 @@ def make_lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
             return optax.constant_schedule(cfg.lr)
         return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)],
                                     [warmup])
-    raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -295,7 +289,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     parts = []
     if cfg.grad_clip_norm is not None:
         if cfg.grad_clip_norm <= 0:
-            raise ValueError(f"optim.grad_clip_norm must be positive or null, got {cfg.grad_clip_norm}")
+            raise ConfigError(f"optim.grad_clip_norm must be positive or null, got {cfg.grad_clip_norm}")
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              mask=decay_mask))
@@ -330,15 +324,15 @@ def load_init_params(init_from: Mapping[str, str], params: Mapping[str, jax.Arra
         values, config = load_trained_params(path)
         controls = list(config.get("model", {}).get("controls", []))
         if controls != [control]:
-            raise ValueError(f"model.init_from.{control}: {path} trained controls {controls}, expected [{control!r}]")
+            raise ConfigError(f"model.init_from.{control}: {path} trained controls {controls}, expected [{control!r}]")
         for k, v in values.items():
             if k not in params:
-                raise ValueError(f"model.init_from.{control}: parameter {k} of {path} does not exist in this model")
+                raise ConfigError(f"model.init_from.{control}: parameter {k} of {path} does not exist in this model")
             if tuple(v.shape) != tuple(np.shape(params[k])):
-                raise ValueError(f"model.init_from.{control}: parameter {k} has shape {tuple(v.shape)} in {path}, "
+                raise ConfigError(f"model.init_from.{control}: parameter {k} has shape {tuple(v.shape)} in {path}, "
                                  f"{tuple(np.shape(params[k]))} in this model")
             if k in out:
-                raise ValueError(f"model.init_from: parameter {k} comes from both {source_of[k]} and {path}")
+                raise ConfigError(f"model.init_from: parameter {k} comes from both {source_of[k]} and {path}")
             out[k] = v
             source_of[k] = path
     return out

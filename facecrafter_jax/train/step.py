@@ -42,7 +42,7 @@ from .state import World
 
 __all__ = ["sample_ids", "make_noise_schedule", "per_sample_keys", "conditioning_config", "ad_loss_config",
            "draw_conditioning", "make_train_step", "BATCH_FIELDS",
-           "BASE_ID_DROPOUT", "base_id_dropout"]
+           "BASE_ID_DROPOUT", "base_id_dropout", "skip_if_nonfinite"]
 
 BATCH_FIELDS = ("image_id", "arcface", "landmarks", "emotion", "latent_moments")
 """Record fields the trainer reads (``image_id`` becomes ``sample_id`` on the host)."""
@@ -81,10 +81,10 @@ def _ema_decay(decay: float, step: jax.Array) -> jax.Array:
 def conditioning_config(controls: tuple[str, ...], overrides: Mapping[str, Any]):
     """The mixed-conditioning config of a run (``facecrafter_jax.conditioning.MixedConditioningConfig``).
 
-    Empty ``conditioning`` section: the default (uniform over the four ID setups, 5% all-null) for the
-    joint stage, ``MixedConditioningConfig.single(control)`` (ID / ID+control evenly, 5% all-null) for a
-    single-control stage. A single-control stage may set only ``all_null``; otherwise the section gives
-    the setup probabilities (keys of ``MixedConditioningConfig``), and ``controls`` always follows the model.
+    A section without setup probabilities takes the defaults: every combination for the joint stage,
+    ``MixedConditioningConfig.single(control, all_null=..., absent=...)`` for a single-control stage (ID + control,
+    ID-only, control without identity, all-null). Otherwise the section gives the setup probabilities (keys of
+    ``MixedConditioningConfig``; setups it leaves out get 0), and ``controls`` always follows the model.
     """
     from facecrafter_jax import conditioning as C
 
@@ -92,8 +92,8 @@ def conditioning_config(controls: tuple[str, ...], overrides: Mapping[str, Any])
     if "controls" in d and tuple(d["controls"]) != tuple(controls):
         raise ValueError(f"conditioning.controls {list(d['controls'])} differs from model.controls {list(controls)}")
     d.pop("controls", None)
-    if len(controls) == 1 and set(d) <= {"all_null"}:
-        return C.MixedConditioningConfig.single(controls[0], **({"all_null": float(d["all_null"])} if d else {}))
+    if len(controls) == 1 and set(d) <= {"all_null", "absent"}:
+        return C.MixedConditioningConfig.single(controls[0], **d)
     return C.MixedConditioningConfig.from_dict({**d, "controls": tuple(controls)})
 
 
@@ -121,7 +121,18 @@ def base_id_dropout(overrides: Mapping[str, Any]) -> float:
     return p
 
 
-_AD_CAPTURE = {"orthogonality": ("out",), "map_overlap": ("probs",)}
+_AD_CAPTURE = {"orthogonality": ("out",), "map_overlap": ("probs",), "across_setups": ("out",)}
+
+
+def skip_if_nonfinite(loss: jax.Array, grad_norm: jax.Array, new: dict, old: dict) -> tuple[dict, jax.Array]:
+    """Non-finite guard (the tail of the step): if ``loss`` or ``grad_norm`` is not finite, the new state keeps
+    ``old``'s parameters, optimiser state and EMA (only ``step`` advances: the batch is consumed). Returns the
+    state and ``nonfinite`` (float32 1.0 / 0.0, the ``nonfinite`` metric the loop counts). A finite step is
+    returned bit for bit (``where(True, new, old) == new``)."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = {k: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new[k], old[k])
+            for k in ("params", "opt_state", "ema") if k in new}
+    return {**new, **keep}, 1.0 - finite.astype(jnp.float32)
 
 
 def draw_conditioning(keys: jax.Array, config):
@@ -151,6 +162,7 @@ def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransforma
         raise ValueError(f"loss.ad_weight must be >= 0, got {ad_weight}")
     ad_cfg = ad_loss_config(cfg) if ad_weight > 0 else None
     capture = _AD_CAPTURE.get(cfg.loss.ad_reading, ("probs", "out"))
+    paired = ad_cfg is not None and ad_cfg.kind in L.PAIRED_READINGS
     gamma = cfg.loss.min_snr_gamma
     ema_decay = cfg.optim.ema_decay
     scaling, shift = world.vae_scaling_factor, world.vae_shift_factor
@@ -180,20 +192,32 @@ def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransforma
             # control stages, trained in the base stage).
             text = model.text_encoder
             id_ctx, empty_ctx = text.encode_id(batch["arcface"]), text.encode_ids(empty_ids)
+            ad = jnp.zeros((), jnp.float32)
             if controls:
-                context, inputs = C.apply_conditioning(
-                    cond, id_ctx, empty_ctx,
-                    landmarks=batch["landmarks"] if "landmark" in controls else None,
-                    emotion=batch["emotion"] if "emotion" in controls else None)
+                raw = {"landmark": batch["landmarks"], "emotion": batch["emotion"]}
+                raw = {c: raw[c] for c in controls}
+                if paired:
+                    # reading C: the same (noisy latent, timestep, identity) under the sample's own setup and with
+                    # every control on its null tokens, stacked into one forward of 2B rows
+                    both = jax.tree.map(lambda a, r: jnp.concatenate([a, r]), cond,
+                                        C.without_controls(cond, cond_cfg.absent))
+                    condition = C.draw_condition(model.facecrafter, both, jnp.concatenate([id_ctx, id_ctx]),
+                                                 empty_ctx, {c: jnp.concatenate([x, x]) for c, x in raw.items()})
+                    pred2, maps = model.facecrafter.predict_with_maps(
+                        jnp.concatenate([noisy, noisy]), jnp.concatenate([t, t]), condition, capture=capture)
+                    pred = pred2[:b]
+                    ad = L.ad_loss(ad_cfg, maps, C.active_controls(cond),
+                                   weights={c: w for c, (_, w) in condition.controls.items()})
+                else:
+                    condition = C.draw_condition(model.facecrafter, cond, id_ctx, empty_ctx, raw)
+                    if ad_cfg is not None:
+                        pred, maps = model.facecrafter.predict_with_maps(noisy, t, condition, capture=capture)
+                        ad = L.ad_loss(ad_cfg, maps, C.active_controls(cond))
+                    else:
+                        pred = model.facecrafter.predict(noisy, t, condition)
             else:
                 context = jnp.where(id_null[:, None, None] > 0, jnp.broadcast_to(empty_ctx, id_ctx.shape), id_ctx)
-                inputs = {}
-            if ad_cfg is not None:
-                pred, maps = model.facecrafter.forward_with_maps(noisy, t, context, capture=capture, **inputs)
-                ad = L.ad_loss(ad_cfg, maps, C.active_controls(cond))
-            else:
-                pred = model.denoise(noisy, t, context, **inputs)
-                ad = jnp.zeros((), jnp.float32)
+                pred = model.unet(noisy, t, context)
             mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
             diffusion = jnp.mean(weight * mse)
             return diffusion + ad_weight * ad, {"diffusion_loss": diffusion, "ad_loss": ad}
@@ -206,9 +230,10 @@ def make_train_step(world: World, cfg: TrainConfig, tx: optax.GradientTransforma
         if ema_decay is not None:
             d = _ema_decay(ema_decay, state["step"])
             new["ema"] = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
+        new, nonfinite = skip_if_nonfinite(loss, grad_norm, new, state)
         metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
                    "timestep_mean": jnp.mean(t.astype(jnp.float32)),
-                   "id_null_frac": jnp.mean(id_null)}
+                   "id_null_frac": jnp.mean(id_null), "nonfinite": nonfinite}
         for c in controls:
             metrics[f"{c}_active_frac"] = jnp.mean(C.active_controls(cond)[c])
         return new, metrics

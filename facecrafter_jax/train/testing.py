@@ -22,7 +22,7 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 """XLA CPU flags that halve compile time of the tiny test model (same numerics in every run that uses them)."""
 
 __all__ = ["REPO", "FAST_COMPILE_FLAGS", "train_env", "train_command", "run_train", "start_train", "wait_for_step",
-           "free_port", "run_multiprocess"]
+           "free_port", "run_multiprocess", "session_cache_dir"]
 
 
 def train_env(devices: int = 1, cache_dir: str | os.PathLike | None = None, fast_compile: bool = True,
@@ -73,6 +73,15 @@ def wait_for_step(proc: subprocess.Popen, run_dir, step: int, timeout: float = 6
             raise RuntimeError(f"training process exited with {proc.returncode} before step {step}")
         time.sleep(0.05)
     raise TimeoutError(f"step {step} not reached in {timeout}s")
+
+
+def session_cache_dir(tmp_path_factory) -> Path:
+    """A persistent compilation cache shared by every test module of one pytest session, pytest-xdist workers
+    included (their base temp folders share a parent): a program compiled by one module is reused by the others."""
+    base = Path(tmp_path_factory.getbasetemp())
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_compilation_cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def free_port() -> int:

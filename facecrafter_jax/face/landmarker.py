@@ -19,12 +19,7 @@ Five alignment points from the 478 landmarks (``FIVE_POINT_INDICES``), in the or
 Eye centres use the eye corners, not the iris landmarks (468 / 473), so gaze direction does not move the
 alignment.
 
-Head pose (``head_pose_from_matrix``): yaw, pitch, roll in degrees from the rotation part R of the facial
-transformation matrix, decomposed as ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` in MediaPipe's camera frame
-(x to the image right, y up, z towards the viewer). Signs: yaw > 0 = face turned towards the image right
-(the subject's left), pitch > 0 = face tilted down, roll > 0 = head rotated counter-clockwise as seen in the
-image. Mirroring an image negates yaw and roll and keeps pitch. Note that the canonical face model is not
-exactly "frontal" for a person looking into the camera: a frontal photo gives pitch of about +10..15 deg.
+Head pose from the facial transformation matrix: :func:`facecrafter_jax.face.geometry.head_pose_from_matrix`.
 """
 
 from __future__ import annotations
@@ -34,12 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = [
-    "Face", "FaceLandmarker", "FIVE_POINT_INDICES", "five_points", "select_largest_face", "head_pose_from_matrix",
-    "rotation_from_head_pose", "NUM_LANDMARKS",
-]
+from .vocabulary import NUM_LANDMARKS
 
-NUM_LANDMARKS = 478
+__all__ = ["Face", "FaceLandmarker", "FIVE_POINT_INDICES", "five_points", "select_largest_face"]
+
 FIVE_POINT_INDICES = ((33, 133), (362, 263), (4,), (61,), (291,))
 
 
@@ -73,51 +66,6 @@ def select_largest_face(faces: list[Face], width: int, height: int) -> int:
         raise ValueError("no faces to select from")
     areas = [f.area(width, height) for f in faces]
     return int(np.argmax(areas))
-
-
-def _rot_x(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-
-
-def _rot_y(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-
-
-def _rot_z(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-
-
-def rotation_from_head_pose(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    """The 3x3 rotation ``Rz(roll) @ Ry(yaw) @ Rx(pitch)`` for angles in degrees (inverse of the decomposition)."""
-    y, p, r = np.deg2rad([yaw, pitch, roll])
-    return _rot_z(r) @ _rot_y(y) @ _rot_x(p)
-
-
-def head_pose_from_matrix(matrix: np.ndarray) -> np.ndarray:
-    """(yaw, pitch, roll) in degrees, float32, from a 4x4 facial transformation matrix (or a 3x3 rotation).
-
-    The rotation block is first projected onto the nearest rotation (SVD), so a matrix carrying a uniform
-    scale gives the same angles. At |yaw| = 90 deg (gimbal lock) roll is set to 0.
-    """
-    m = np.asarray(matrix, np.float64)
-    if m.shape not in ((4, 4), (3, 3)):
-        raise ValueError(f"expected a 4x4 transformation matrix or a 3x3 rotation, got shape {m.shape}")
-    u, _, vt = np.linalg.svd(m[:3, :3])
-    r = u @ vt
-    if np.linalg.det(r) < 0:
-        raise ValueError("facial transformation matrix contains a reflection")
-    sy = -r[2, 0]
-    yaw = np.arcsin(np.clip(sy, -1.0, 1.0))
-    if abs(sy) < 1 - 1e-9:
-        pitch = np.arctan2(r[2, 1], r[2, 2])
-        roll = np.arctan2(r[1, 0], r[0, 0])
-    else:
-        roll = 0.0
-        pitch = np.arctan2(-r[1, 2], r[1, 1])  # R[1] = (0, cos p, -sin p) for yaw = +-90 and roll = 0
-    return np.rad2deg(np.array([yaw, pitch, roll])).astype(np.float32)
 
 
 class FaceLandmarker:

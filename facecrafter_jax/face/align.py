@@ -1,6 +1,6 @@
 """Five-point face alignment: Umeyama similarity transforms, the ArcFace and FFHQ-style templates, warping.
 
-Coordinate convention (used everywhere in ``data_prep``): *continuous pixel coordinates*, origin at the
+Coordinate convention (used by every face crop of the project): *continuous pixel coordinates*, origin at the
 top-left corner of the top-left pixel, so the centre of pixel (i, j) is (j + 0.5, i + 0.5) and an image of
 width W spans x in [0, W]. MediaPipe's normalised landmarks times (W, H) are in this convention, and so is
 PIL's affine warp. OpenCV / insightface use pixel-centre coordinates (centre of pixel (i, j) is (j, i)):
