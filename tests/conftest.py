@@ -35,3 +35,19 @@ def nchw_to_nhwc(x):
 
 def nhwc_to_nchw(x):
     return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+def perturb_adapters(model, seed: int, std: float = 0.1):
+    """Move every ``AdapterParam`` of ``model`` off its initial value by seeded Gaussian noise (copy- or
+    zero-initialised branches would otherwise mimic the identity branch / do nothing)."""
+    import jax
+    from flax import nnx
+
+    from facecrafter_jax.models.control import AdapterParam
+
+    state = nnx.state(model, AdapterParam)
+    key = jax.random.key(seed)
+    for i, (_, var) in enumerate(nnx.to_flat_state(state)):
+        v = var.get_value()
+        var.set_value(v + std * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
+    nnx.update(model, state)

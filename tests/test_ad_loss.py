@@ -1,6 +1,5 @@
 """AD-loss readings on hand-built maps with known answers, masking, config, and one end-to-end case."""
 
-import math
 
 import jax
 import jax.numpy as jnp

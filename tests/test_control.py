@@ -22,19 +22,12 @@ from facecrafter_jax.models.control import (FROZEN, AdapterLinear, AdapterParam,
 from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
 from facecrafter_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 from tiny_models import TINY_UNET
+from conftest import perturb_adapters
 
 SMALL = FaceCrafterConfig(landmark_tokens=3, emotion_tokens=2, landmark_hidden_dim=32, emotion_hidden_dim=16)
 T = jnp.asarray([7, 640])
 
 
-def _perturb_adapters(model, seed, std=0.05):
-    """Move every AdapterParam off its initial value (copy-init branches would mimic the ID branch)."""
-    state = nnx.state(model, AdapterParam)
-    key = jax.random.key(seed)
-    for i, (_, var) in enumerate(nnx.to_flat_state(state)):
-        v = var.get_value()
-        var.set_value(v + std * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
-    nnx.update(model, state)
 
 
 def _model(seed=0, config=SMALL, perturb=True, **unet_kw):
@@ -42,7 +35,7 @@ def _model(seed=0, config=SMALL, perturb=True, **unet_kw):
     unet = UNet2DConditionModel(cfg, rngs=nnx.Rngs(seed), **unet_kw)
     model = FaceCrafter(unet, config, rngs=nnx.Rngs(seed + 100))
     if perturb:
-        _perturb_adapters(model, seed + 200)
+        perturb_adapters(model, seed + 200, std=0.05)
     return model
 
 
@@ -139,7 +132,7 @@ def test_config_round_trips_and_errors():
 
 def test_token_encoder_matches_closed_form():
     enc = ControlTokenEncoder("landmark", num_tokens=3, hidden_dim=5, output_dim=4, rngs=nnx.Rngs(0))
-    _perturb_adapters(enc, 1, std=0.3)
+    perturb_adapters(enc, 1, std=0.3)
     lmk = np.random.default_rng(0).uniform(size=(2, 478, 3)).astype(np.float32)
     got = np.asarray(enc(jnp.asarray(lmk)))
     p = {".".join(map(str, k)): np.asarray(v.get_value(), np.float64) for k, v in nnx.to_flat_state(nnx.state(enc))}

@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -17,23 +16,16 @@ from facecrafter_jax.convert.cli import main
 from facecrafter_jax.convert import adapters as fca
 from facecrafter_jax.convert.adapters import adapter_key_map, load_adapter_state
 from facecrafter_jax.models import control
-from facecrafter_jax.models.control import FROZEN, AdapterParam
+from facecrafter_jax.models.control import FROZEN
 from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
 from facecrafter_jax.pretrained import load_pretrained, save_pretrained
 from tiny_models import tiny_unet
 
-from conftest import nchw_to_nhwc, nhwc_to_nchw
+from conftest import nchw_to_nhwc, nhwc_to_nchw, perturb_adapters
 
 SMALL = FaceCrafterConfig(landmark_tokens=3, emotion_tokens=2, landmark_hidden_dim=32, emotion_hidden_dim=16)
 
 
-def _perturb(model, seed, std=0.1):
-    state = nnx.state(model, AdapterParam)
-    key = jax.random.key(seed)
-    for i, (_, var) in enumerate(nnx.to_flat_state(state)):
-        v = var.get_value()
-        var.set_value(v + std * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
-    nnx.update(model, state)
 
 
 def _flat(model, filt):
@@ -47,7 +39,7 @@ def exported(tmp_path_factory):
     ref.save_pretrained(str(root / "torch_unet"))
     assert main(["from-diffusers", "--unet", str(root / "torch_unet"), "--out", str(root / "base")]) == 0
     model = FaceCrafter(load_pretrained(str(root / "base"), components=("unet",)).unet, SMALL, rngs=nnx.Rngs(1))
-    _perturb(model, 2)  # random adapter weights, far from the copy initialisation
+    perturb_adapters(model, 2)  # random adapter weights, far from the copy initialisation
     save_pretrained(str(root / "fc"), unet=model.unet, adapters=model)
     assert main(["to-diffusers", str(root / "fc"), str(root / "out")]) == 0
     return root, ref, model

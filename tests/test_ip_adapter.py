@@ -20,7 +20,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -29,13 +28,14 @@ from facecrafter_jax.convert.cli import main as convert_main
 from facecrafter_jax.convert.ip_adapter import (IP_ADAPTER_INDEX, IPAdapterExportError, check_ip_adapter_export,
                                                 diffusers_cross_attention_order, export_ip_adapters,
                                                 ip_adapter_weight_name)
-from facecrafter_jax.models.control import AdapterLinear, AdapterParam, control_features
+from facecrafter_jax.models.control import AdapterLinear, control_features
 from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
 from facecrafter_jax.pretrained import load_pretrained, save_pretrained
 from facecrafter_jax.testing import arc2face_context_torch
 from facecrafter_jax.torch_ip_adapter import (arc2face_prompt_embeds, empty_prompt_embeds, ip_adapter_image_embeds,
                                               raw_control_input)
 from tiny_models import tiny_clip, tiny_unet, tiny_vae
+from conftest import perturb_adapters
 
 SD15_SHAPED = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, cross_attention_dim=64,
                    attention_head_dim=2, norm_num_groups=8, sample_size=16,
@@ -50,13 +50,6 @@ REL_TOL = 1e-5
 WEIGHTS = [ip_adapter_weight_name("landmark"), ip_adapter_weight_name("emotion")]
 
 
-def _perturb(model, seed, std=0.1):
-    state = nnx.state(model, AdapterParam)
-    key = jax.random.key(seed)
-    for i, (_, var) in enumerate(nnx.to_flat_state(state)):
-        v = var.get_value()
-        var.set_value(v + std * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
-    nnx.update(model, state)
 
 
 def rel_err(ours, ref):
@@ -78,7 +71,7 @@ def env(tmp_path_factory):
     for name, cfg, seed in (("exact", EXACT, 2), ("padded", PADDED, 3)):
         m = load_pretrained(str(root / "base"))
         fc = FaceCrafter(m.unet, cfg, rngs=nnx.Rngs(seed))
-        _perturb(fc, seed)
+        perturb_adapters(fc, seed)
         models[name] = fc
     m = load_pretrained(str(root / "base"))
     save_pretrained(str(root / "exact"), unet=models["exact"].unet, text_encoder=m.text_encoder, vae=m.vae,

@@ -46,7 +46,8 @@ def env(tmp_path_factory, shared_models):
 
     from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
     from facecrafter_jax.pretrained import load_pretrained, save_pretrained
-    from test_sampling_control import SMALL, perturb_adapters
+    from conftest import perturb_adapters
+    from test_sampling_control import SMALL
 
     for name, controls in (("ckpt_fc", ("landmark", "emotion")), ("ckpt_lmk", ("landmark",))):
         m = load_pretrained(str(d / "ckpt"))

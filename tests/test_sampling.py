@@ -22,7 +22,7 @@ from facecrafter_jax import tokens
 from facecrafter_jax.convert import load_text_encoder, load_unet, load_vae
 from facecrafter_jax.sampling import (
     Arc2FacePipeline, combine_guidance, concat_conditions, guided_denoiser, initial_noise, make_plan,
-    sample_latents, to_uint8,
+    sample_latents,
 )
 from facecrafter_jax.testing import arc2face_context_torch as arc2face_context
 from tiny_models import save_tiny_arc2face

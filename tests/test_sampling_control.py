@@ -17,19 +17,17 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from facecrafter_jax import schedulers as S
 from facecrafter_jax import tokens
 from facecrafter_jax.convert.cli import main as convert_main
-from facecrafter_jax.models.control import AdapterParam
 from facecrafter_jax.models.facecrafter import FaceCrafter, FaceCrafterConfig
 from facecrafter_jax.face.vocabulary import emotion_table, emotion_vector
 from facecrafter_jax.pretrained import load_pretrained, save_pretrained
 from facecrafter_jax.sampling import Arc2FacePipeline, FaceCrafterPipeline, guidance_branches
 from tiny_models import arc2face_context_torch, save_tiny_arc2face
+from conftest import perturb_adapters
 
 ID_DIM = 48  # < the tiny CLIP width 64
 BATCH = 2
@@ -38,13 +36,6 @@ SMALL = FaceCrafterConfig(landmark_tokens=3, emotion_tokens=2, landmark_hidden_d
 LATENT_REL_TOL = 1e-5
 
 
-def perturb_adapters(model, seed, std=0.1):
-    state = nnx.state(model, AdapterParam)
-    key = jax.random.key(seed)
-    for i, (_, var) in enumerate(nnx.to_flat_state(state)):
-        v = var.get_value()
-        var.set_value(v + std * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
-    nnx.update(model, state)
 
 
 def rel_err(ours, ref):
@@ -269,7 +260,6 @@ def test_emotion_vector_table():
 
 
 def test_pipeline_input_errors(env):
-    pipe = env["pipe"]
     with pytest.raises(ValueError, match=r"landmarks must be \[478, 3\] or \[2, 478, 3\], got shape \(2, 468, 3\)"):
         run(env, landmarks=np.zeros((2, 468, 3), np.float32))
     with pytest.raises(ValueError, match=r"emotion must be \[10\] or \[2, 10\]"):

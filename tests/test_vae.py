@@ -17,7 +17,7 @@ from facecrafter_jax.convert.vae import (
     convert_legacy_vae_keys, export_vae_state, load_vae_config, save_vae_diffusers, vae_key_map,
 )
 from facecrafter_jax.convert.weights import WeightConversionError, read_torch_checkpoint
-from facecrafter_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, sample_latents_from_moments
+from facecrafter_jax.models.vae import AutoencoderKLConfig, sample_latents_from_moments
 
 diffusers = pytest.importorskip("diffusers")
 
