@@ -1,8 +1,8 @@
 """bench/accelerator.py --smoke end to end on CPU, so the GPU / TPU benchmark cannot rot.
 
-One remat setting (off: the smaller program), one timed step, a 2-step sampler and the fast-compile XLA flags
-of the train tests keep it to ~25 s of CPU time (two cases in subprocesses); the sampling part compares our pipeline with diffusers'
-StableDiffusionPipeline on the same tiny weights (fp32: they must agree).
+One remat setting (off: the smaller program), one timed step, a 2-step sampler and the fast-compile XLA
+flags of the train tests keep it to ~25 s of CPU time (two cases in subprocesses); the sampling part compares
+our pipeline with diffusers' StableDiffusionPipeline on the same tiny weights (fp32: they must agree).
 """
 
 import json
