@@ -42,10 +42,28 @@ def test_compilation_cache_stores_and_reuses_programs(tmp_path):
     assert "--xla_cpu_experimental_ynn_fusion_type=reduce" in out["flags"].split()
 
 
-def test_compilation_cache_follows_the_environment(tmp_path):
-    out = _run([], {"FACECRAFTER_COMPILATION_CACHE": str(tmp_path / "env")})
-    assert out["folder"] == str(tmp_path / "env") and out["files"]
-    out = _run([], {"FACECRAFTER_COMPILATION_CACHE": "off"})
-    assert out["folder"] is None and out["files"] == []
-    out = _run([], {"FACECRAFTER_COMPILATION_CACHE": "", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
-    assert out["folder"] == str(tmp_path / "xdg" / "facecrafter_jax" / "xla") and out["files"]
+def test_compilation_cache_follows_the_environment(tmp_path, monkeypatch):
+    # Folder resolution only (no compile), in process; the process-global settings are restored afterwards.
+    import jax
+
+    from facecrafter_jax.runtime import default_cache_dir, enable_compilation_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("FACECRAFTER_COMPILATION_CACHE", "off")
+        assert enable_compilation_cache() is None and jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv("FACECRAFTER_COMPILATION_CACHE", "")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert default_cache_dir() == str(tmp_path / "xdg" / "facecrafter_jax" / "xla")
+        monkeypatch.setenv("FACECRAFTER_COMPILATION_CACHE", str(tmp_path / "env"))
+        assert enable_compilation_cache() == str(tmp_path / "env") == jax.config.jax_compilation_cache_dir
+        assert (tmp_path / "env").is_dir() and jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
+        assert enable_compilation_cache() == str(tmp_path / "env")  # a folder already configured is kept
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "user"))
+        assert enable_compilation_cache() == str(tmp_path / "user")  # ... also one the user set
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
