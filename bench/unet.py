@@ -16,10 +16,11 @@ memory of one call for each framework (process RSS high-water delta, see ``bench
 XLA's planned temporary buffer size. Combinations whose planned size does not fit in the currently
 available memory are skipped and listed.
 
-How ours is called (``--call``, default both, timed interleaved with PyTorch in the same run): ``nnx``
-the way a user calls a loaded model, ``nnx.jit(lambda m, x, t, c: m(x, t, c))(unet, x, t, c)`` (flax walks
-the module graph on every call); ``split`` ``jax.jit`` of a function of the split state (``nnx.split``
-once; what the samplers and the trainer do). ``fwdbwd`` always uses ``split``.
+How ours is called (``--call``, default ``nnx,split``, timed interleaved with PyTorch in the same run):
+``nnx`` the way a user calls a loaded model, ``nnx.jit(lambda m, x, t, c: m(x, t, c))(unet, x, t, c)`` (flax
+walks the module graph on every call); ``nnx_tree`` the same with ``nnx.jit(..., graph=False)`` (flax's tree
+mode, no graph traversal); ``split`` ``jax.jit`` of a function of the split state (``nnx.split`` once; what
+the samplers and the trainer do). ``fwdbwd`` always uses ``split``.
 
 Clocks (``--clock``): ``wall`` elapsed time with every CPU (PyTorch ``--threads``, XLA one intra-op
 thread per CPU); ``cpu`` process CPU time pinned to one CPU (``--pin``: both frameworks single-threaded,
@@ -96,8 +97,9 @@ def parse_args(argv=None):
                         "(default): wall here, then cpu in a pinned subprocess, one table")
     p.add_argument("--pin", action="store_true", help="run on one CPU (needed by --clock cpu)")
     p.add_argument("--call", default="nnx,split",
-                   help="fwd, comma list: nnx (nnx.jit on the module, as a user calls it), split (jax.jit on the "
-                        "split state); default both")
+                   help="fwd, comma list: nnx (nnx.jit on the module, as a user calls it), nnx_tree (the same with "
+                        "graph=False: no graph traversal per call), split (jax.jit on the split state); default "
+                        "nnx,split")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-runtime-defaults", action="store_true",
@@ -110,7 +112,7 @@ def parse_args(argv=None):
         p.error("--clock cpu needs --pin (one CPU; CPU time of several threads counts their spin-waiting)")
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.configs = _names(args.configs, CONFIGS)
-    args.call = _names(args.call, {"nnx", "split"})
+    args.call = _names(args.call, {"nnx", "nnx_tree", "split"})
     args.mode = _names(args.mode, {"fwd", "fwdbwd"})
     args.latents = _ints(args.latents)
     args.batch = _ints(args.batch)
@@ -202,7 +204,9 @@ def run_case(torch_model, flax_model, rules, *, mode: str, size: int, batch: int
     compile_s = time.perf_counter() - t0
     calls = list(call) if mode == "fwd" else ["split"]
     user_fn = nnx.jit(lambda m, x, t, c: m(x, t, c))  # what a user writes; walks the module graph on every call
-    runners = {"nnx": lambda: user_fn(flax_model, jx, jt, jctx), "split": lambda: compiled(params, jx, jt, jctx)}
+    tree_fn = nnx.jit(lambda m, x, t, c: m(x, t, c), graph=False)  # flax's tree mode: modules as plain pytrees
+    runners = {"nnx": lambda: user_fn(flax_model, jx, jt, jctx), "nnx_tree": lambda: tree_fn(flax_model, jx, jt, jctx),
+               "split": lambda: compiled(params, jx, jt, jctx)}
     ma = compiled.memory_analysis()
     xla_temp = getattr(ma, "temp_size_in_bytes", 0) if ma is not None else 0
     xla_out = getattr(ma, "output_size_in_bytes", 0) if ma is not None else 0
