@@ -64,7 +64,11 @@ CONFIGS = {
     "sd15": dict(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=8, norm_num_groups=32,
                  cross_attention_dim=768, clip_layers=12),
 }
-STEPS = ("adapter", "base")
+# step kind -> AD loss reading of our adapter step (None: no AD loss; "base": the base step). The PyTorch
+# reference of every adapter kind is the same step with the orthogonality reading (the one PyTorch has), so the
+# adapter_* rows side by side give the cost of each reading (across_setups runs 2B rows: the setups and their pairs).
+STEPS = {"adapter": "orthogonality", "base": "base", "adapter_no_ad": None, "adapter_map_overlap": "map_overlap",
+         "adapter_across_setups": "across_setups"}
 AD_WEIGHT = 0.1
 FC_CFG = {"landmark_tokens": 4, "emotion_tokens": 4, "landmark_hidden_dim": 1024, "emotion_hidden_dim": 512}
 
@@ -282,18 +286,21 @@ def pretrained_dir(tmp: Path, unet, text) -> Path:
 
 
 def build_ours(tmp: Path, pre: Path, kind: str, batch: int, latent: int, remat: bool = False):
-    """The real ``Trainer`` for ``kind`` (``adapter`` = stage c with AD loss, ``base``), compiled; returns
+    """The real ``Trainer`` for ``kind`` (a key of :data:`STEPS`: ``adapter*`` = stage c with the kind's AD
+    reading, ``base``), compiled; returns
     ``(trainer, step)``. The batches are read before timing (the data pipeline is closed)."""
     from facecrafter_jax.train.config import TrainConfig, from_dict
     from facecrafter_jax.train.loop import Trainer
 
     model = {"pretrained": str(pre), "remat": remat, "controls": []}
     loss = {}
-    if kind == "adapter":
+    adapter = kind != "base"
+    if adapter:
         model.update(controls=["landmark", "emotion"], facecrafter=FC_CFG)
-        loss = {"ad_weight": AD_WEIGHT, "ad_reading": "orthogonality", "ad_layers": "all"}
+        reading = STEPS[kind]
+        loss = {"ad_weight": AD_WEIGHT if reading else 0.0, "ad_reading": reading or "orthogonality", "ad_layers": "all"}
     cfg = from_dict(TrainConfig, {
-        "name": "bench", "stage": "joint" if kind == "adapter" else "base",
+        "name": "bench", "stage": "joint" if adapter else "base",
         "run_dir": str(tmp / f"run_{kind}_{batch}_{latent}"), "steps": 1000, "model": model,
         "data": {"dir": "", "global_batch_size": batch, "device_prefetch": 1,  # synthetic set in <run_dir>/data
                  "synthetic": {"num_records": max(16, 4 * batch), "resolution": 8 * latent, "shard_size": 64,
@@ -352,7 +359,7 @@ def bench_rows(a) -> list[dict]:
             for kind in a.steps:
                 for batch in a.batch:
                     t, ours = build_ours(tmp, pre, kind, batch, a.latent)
-                    factory = torch_adapter_step if kind == "adapter" else torch_base_step
+                    factory = torch_base_step if kind == "base" else torch_adapter_step
                     theirs, n_torch = factory(unet, text, batch, a.latent)
                     med, peaks = measure({"ours": ours, "torch": theirs}, a.repeats, a.clock)
                     mem = t.compiled.memory_analysis()
@@ -510,7 +517,10 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="reduced", help="comma list of: reduced, sd15")
-    p.add_argument("--steps", default="adapter,base", help="comma list of: adapter (stage c, AD loss on), base")
+    p.add_argument("--steps", default="adapter,base",
+                   help="comma list of: adapter (stage c, AD loss on: orthogonality reading), base, and for the cost "
+                        "of each AD reading adapter_no_ad, adapter_map_overlap, adapter_across_setups (the PyTorch "
+                        "reference of every adapter row: its step with the orthogonality reading)")
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--batch", default="1", help="batch sizes, comma list")
     p.add_argument("--repeats", type=int, default=3)
