@@ -20,7 +20,7 @@ import time
 from typing import Callable, Sequence
 
 __all__ = ["rss_bytes", "malloc_trim", "PeakRSS", "time_call", "interleaved_timings", "markdown_table", "mb",
-           "available_bytes", "median", "CLOCKS"]
+           "available_bytes", "median", "CLOCKS", "load_average", "pin_to_one_cpu", "run_pinned_child"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -124,3 +124,39 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def load_average() -> str:
+    """``os.getloadavg()`` as ``"1.2 / 0.9 / 0.7"`` (1, 5, 15 minutes): print it beside every timing."""
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def pin_to_one_cpu() -> int:
+    """Restrict this process to one CPU (the lowest it may use) before JAX / PyTorch start their thread pools.
+
+    XLA:CPU sizes its intra-op pool from the CPU affinity, so both frameworks then run single-threaded
+    and ``time.process_time()`` is a load-robust measure (no spin-waiting threads). Returns the CPU.
+    """
+    cpu = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    os.environ["OMP_NUM_THREADS"] = "1"
+    return cpu
+
+
+def run_pinned_child(script: str, argv: Sequence[str], json_path: str) -> list[dict]:
+    """Run ``python script argv --clock cpu --pin --json json_path`` (one CPU, CPU time) and return its rows.
+
+    Used by the benches' ``--clock both`` so one command gives the all-core wall-clock table and the
+    single-thread CPU-time table (each measured interleaved within its own process). The child's output
+    streams through, so its progress lines show.
+    """
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, script, *argv, "--clock", "cpu", "--pin", "--json", json_path]
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        raise RuntimeError(f"single-thread run failed (exit {r.returncode}): {' '.join(cmd)}")
+    with open(json_path) as f:
+        return json.load(f)

@@ -5,9 +5,13 @@ them into our models in-process (no files), and runs Arc2Face-style sampling wit
 from ArcFace-like 512-d embeddings (``prompt_embeds`` computed by the PyTorch encoder with the `id`
 token substituted, ``negative_prompt_embeds`` = the empty prompt), DPM-Solver++ 2M (SD1.5 scheduler
 config), guidance 3.0, the same starting latents and batch, VAE decode to images included on both
-sides. It reports our compile time (trace + lower + XLA compile, ahead of time) separately, then one
-timed run of each (after one untimed warm-up run of each), the ratio ours / diffusers, and the max
-difference of the final latents (relative to their max magnitude) as a sanity check.
+sides. It reports our compile time (trace + lower + XLA compile, ahead of time) twice: cold (empty
+persistent compilation cache) and warm (the same program again in a new pipeline after
+``jax.clear_caches()``, loaded from the persistent cache: what a second ``sample.py`` run pays), then
+``--repeats`` interleaved timed runs of each after one untimed warm-up run of each, the ratio
+ours / diffusers, the peak memory of one run of each (process RSS high-water mark minus RSS before the
+run, ``bench/_common.py``) and the max difference of the final latents (relative to their max magnitude)
+as a sanity check.
 
 Configs (SD1.5 topology, cross-attention 768):
 
@@ -23,10 +27,12 @@ Latents 32x32 (256 px images) by default. Examples::
     .venv/bin/python bench/sample.py --configs reduced
     .venv/bin/python bench/sample.py --configs sd15 --batch 1
 
-Threads: PyTorch gets ``torch.set_num_threads(--threads)`` (default: the CPUs this process may use) and
-``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: on a machine shared with other jobs, OpenMP's
-busy-waiting threads made the PyTorch run 20-50x slower and erratic (measured here). XLA:CPU uses its
-default thread pool. The header line prints the load average: numbers taken under load are not comparable.
+Clocks (``--clock``): ``wall`` elapsed time with every CPU (PyTorch ``--threads``, XLA one intra-op thread
+per CPU); ``cpu`` process CPU time pinned to one CPU (``--pin``: both single-threaded, robust to other
+load); ``both`` (default) runs the wall-clock table here and the CPU-time table in a pinned subprocess,
+one table with both ratios. PyTorch gets ``OMP_WAIT_POLICY=PASSIVE`` / ``KMP_BLOCKTIME=0`` unless the
+environment sets them: on a machine shared with other jobs, OpenMP's busy-waiting threads made the PyTorch
+run 20-50x slower and erratic (measured here). The load average is printed at the start and the end.
 """
 
 from __future__ import annotations
@@ -34,9 +40,22 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
+import tempfile
 import time
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--pin" in sys.argv:  # before JAX / PyTorch create their thread pools
+    from _common import pin_to_one_cpu
+
+    pin_to_one_cpu()
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("KMP_BLOCKTIME", "0")
+
+import numpy as np  # noqa: E402
+
+from _common import PeakRSS, load_average, markdown_table, mb, run_pinned_child  # noqa: E402
 
 UNET_SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -69,13 +88,21 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1, help="identities per run (the UNet sees 2x with guidance)")
     p.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps (default 25)")
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs of each, interleaved (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (median reported)")
+    p.add_argument("--clock", choices=("both", "wall", "cpu"), default="both",
+                   help="wall: all CPUs, elapsed time; cpu: pinned to one CPU (--pin), process CPU time; both "
+                        "(default): wall here, then cpu in a pinned subprocess, one table")
+    p.add_argument("--pin", action="store_true", help="run on one CPU (needed by --clock cpu)")
+    p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="PyTorch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: small config, 16x16 latents, 5 steps")
     args = p.parse_args(argv)
     if args.quick:
-        args.configs, args.latent, args.steps = "small", 16, 5
+        args.configs, args.latent, args.steps, args.clock = "small", 16, 5, "wall"
+    if args.clock == "cpu" and not args.pin:
+        p.error("--clock cpu needs --pin (one CPU; CPU time of several threads counts their spin-waiting)")
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     args.configs = [c for c in args.configs.split(",") if c]
     bad = [c for c in args.configs if c not in CONFIGS]
     if bad:
@@ -183,9 +210,21 @@ def run_config(name: str, args) -> dict:
     f = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
     size = args.latent * f
 
-    pipe = Arc2FacePipeline(unet, clip, vae)
-    compile_s = pipe.compile(args.batch, num_steps=args.steps, guidance_scale=args.guidance, height=size, width=size,
-                             output_type="float")
+    import jax
+
+    from facecrafter_jax.runtime import enable_compilation_cache
+
+    def compiled_pipeline():
+        p = Arc2FacePipeline(unet, clip, vae)
+        return p, p.compile(args.batch, num_steps=args.steps, guidance_scale=args.guidance, height=size, width=size,
+                            output_type="float")
+
+    with tempfile.TemporaryDirectory() as cache:
+        enable_compilation_cache(cache)  # empty: the first compile is cold
+        _, compile_s = compiled_pipeline()
+        jax.clear_caches()
+        pipe, compile_warm_s = compiled_pipeline()  # a new process would find the program on disk the same way
+        jax.config.update("jax_compilation_cache_dir", None)
     sd = StableDiffusionPipeline(vae=vae_t, text_encoder=clip_t, tokenizer=None, unet=unet_t,
                                  scheduler=DPMSolverMultistepScheduler.from_config(S.SD15_SCHEDULER_CONFIG),
                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -211,50 +250,84 @@ def run_config(name: str, args) -> dict:
     del warm
     gc.collect()
 
+    peaks = {}
+    for who, fn in (("ours", ours), ("diffusers", theirs)):
+        gc.collect()
+        with PeakRSS() as m:
+            fn()
+        peaks[who] = mb(m.delta)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = {"ours": [], "diffusers": []}
     for r in range(args.repeats):
         order = ("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")
         for who in order:
-            t1 = time.perf_counter()
+            t1 = clock()
             ours() if who == "ours" else theirs()  # both return host arrays (finished work)
-            times[who].append(time.perf_counter() - t1)
+            times[who].append(clock() - t1)
     ours_s, theirs_s = float(np.median(times["ours"])), float(np.median(times["diffusers"]))
     row = dict(config=name, latent=args.latent, batch=args.batch, steps=args.steps, unet_params_m=n_unet / 1e6,
-               ours_s=ours_s, diffusers_s=theirs_s, ratio=ours_s / theirs_s, compile_s=compile_s, rel_err=rel)
-    print(f"# {name}: ours {ours_s:.2f} s {[round(t, 2) for t in times['ours']]}, diffusers {theirs_s:.2f} s "
-          f"{[round(t, 2) for t in times['diffusers']]}, ours/diffusers {row['ratio']:.2f}, compile {compile_s:.1f} s, "
-          f"final-latent rel err {rel:.1e}", flush=True)
-    del pipe, sd, unet, clip, vae, unet_t, clip_t, vae_t
+               ours_s=ours_s, diffusers_s=theirs_s, ratio=ours_s / theirs_s, compile_s=compile_s,
+               compile_warm_s=compile_warm_s, rel_err=rel, ours_peak_mb=peaks["ours"],
+               diffusers_peak_mb=peaks["diffusers"], clock=args.clock, load=load_average())
+    print(f"# {name} ({args.clock}): ours {ours_s:.2f} s {[round(t, 2) for t in times['ours']]}, diffusers "
+          f"{theirs_s:.2f} s {[round(t, 2) for t in times['diffusers']]}, ours/diffusers {row['ratio']:.2f}, compile "
+          f"{compile_s:.1f} s (warm {compile_warm_s:.1f} s), final-latent rel err {rel:.1e}, load {row['load']}",
+          flush=True)
     gc.collect()
     return row
 
 
+def table(wall: list[dict], cpu: list[dict]) -> str:
+    by_wall, by_cpu = {r["config"]: r for r in wall}, {r["config"]: r for r in cpu}
+
+    def f(r, k, fmt="{:.2f}"):
+        return fmt.format(r[k]) if k in r else "-"
+
+    out = []
+    for name in dict.fromkeys([r["config"] for r in wall + cpu]):
+        w, c = by_wall.get(name, {}), by_cpu.get(name, {})
+        m = w or c
+        out.append([f"{name} ({m['unet_params_m']:.0f}M UNet)", f"{m['latent']}x{m['latent']}", m["batch"], m["steps"],
+                    f(w, "ours_s"), f(w, "diffusers_s"), f(w, "ratio", "**{:.2f}**"), f(c, "ours_s"),
+                    f(c, "diffusers_s"), f(c, "ratio", "**{:.2f}**"), f(m, "compile_s", "{:.1f}"),
+                    f(m, "compile_warm_s", "{:.1f}"), f(m, "ours_peak_mb", "{:.0f}"), f(m, "diffusers_peak_mb", "{:.0f}"),
+                    f(m, "rel_err", "{:.1e}")])
+    headers = ["config", "latent", "batch", "steps", "wall ours s", "wall diffusers s", "wall ours/diffusers",
+               "1-thread CPU ours s", "1-thread CPU diffusers s", "CPU ours/diffusers", "our compile s (cold)",
+               "our compile s (warm cache)", "peak MB ours", "peak MB diffusers", "final-latent rel err"]
+    return markdown_table(headers, out)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    # OpenMP threads that busy-wait make PyTorch erratic (measured 20-50x slower) when other jobs share the
-    # cores; passive waiting costs little on a quiet machine. Set OMP_WAIT_POLICY=ACTIVE to override.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:  # the project's XLA:CPU defaults, when that module is present
-        from facecrafter_jax.runtime import configure_cpu
+    from facecrafter_jax.runtime import configure_cpu
 
-        configure_cpu()
-    except ImportError:
-        pass
+    configure_cpu()
     import jax
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1 if args.pin else args.threads)
     print(f"# jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, torch threads "
-          f"{torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, CPUs {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.1f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
-    rows = [run_config(name, args) for name in args.configs]
-    print()
-    print("| config | latent | batch | steps | ours s | diffusers s | ours/diffusers | our compile s | final-latent rel err |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} ({r['unet_params_m']:.0f}M UNet) | {r['latent']}x{r['latent']} | {r['batch']} | "
-              f"{r['steps']} | {r['ours_s']:.2f} | {r['diffusers_s']:.2f} | {r['ratio']:.2f} | {r['compile_s']:.1f} | "
-              f"{r['rel_err']:.1e} |")
+          f"{torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, CPUs usable "
+          f"{len(os.sched_getaffinity(0))} of {os.cpu_count()}, clock {args.clock}, load average {load_average()}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    wall, cpu = [], []
+    if args.clock == "cpu":
+        cpu = [run_config(name, args) for name in args.configs]
+    else:
+        wall = [run_config(name, argparse.Namespace(**{**vars(args), "clock": "wall"})) for name in args.configs]
+        if args.clock == "both":
+            with tempfile.TemporaryDirectory() as d:
+                cpu = run_pinned_child(__file__, args.argv, os.path.join(d, "cpu.json"))
+    print(f"\n# load average at the end {load_average()}; wall = all {len(os.sched_getaffinity(0))} CPUs, "
+          "CPU = process CPU time pinned to one CPU; ratios < 1: ours faster\n")
+    print(table(wall, cpu), flush=True)
+    rows = wall + cpu
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return rows
 
 

@@ -16,14 +16,24 @@ memory of one call for each framework (process RSS high-water delta, see ``bench
 XLA's planned temporary buffer size. Combinations whose planned size does not fit in the currently
 available memory are skipped and listed.
 
+How ours is called (``--call``, default ``nnx,split``, timed interleaved with PyTorch in the same run):
+``nnx`` the way a user calls a loaded model, ``nnx.jit(lambda m, x, t, c: m(x, t, c))(unet, x, t, c)`` (flax
+walks the module graph on every call); ``nnx_tree`` the same with ``nnx.jit(..., graph=False)`` (flax's tree
+mode, no graph traversal); ``split`` ``jax.jit`` of a function of the split state (``nnx.split`` once; what
+the samplers and the trainer do). ``fwdbwd`` always uses ``split``.
+
+Clocks (``--clock``): ``wall`` elapsed time with every CPU (PyTorch ``--threads``, XLA one intra-op
+thread per CPU); ``cpu`` process CPU time pinned to one CPU (``--pin``: both frameworks single-threaded,
+robust to other load on a shared machine); ``both`` (default) the wall-clock run here, then the CPU-time
+run in a pinned subprocess, one table with both ratios. The load average is printed at start and end.
+
 Examples::
 
     .venv/bin/python bench/unet.py --quick
     .venv/bin/python bench/unet.py --configs sd15 --latents 32,64 --batch 1,4 --mode fwd --repeats 5
 
-Threads: PyTorch gets ``torch.set_num_threads(--threads)`` (default: the CPUs this process may use);
-XLA:CPU uses one intra-op thread per CPU by default. Call :func:`facecrafter_jax.runtime.configure_cpu`
-defaults are applied before JAX is imported unless ``--no-runtime-defaults``.
+:func:`facecrafter_jax.runtime.configure_cpu` defaults are applied before JAX is imported unless
+``--no-runtime-defaults``.
 """
 
 from __future__ import annotations
@@ -35,11 +45,19 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--pin" in sys.argv:  # before JAX / PyTorch create their thread pools
+    from _common import pin_to_one_cpu
+
+    pin_to_one_cpu()
+# PyTorch's OpenMP threads must not spin between ops while XLA runs (and vice versa): passive waits.
+os.environ.setdefault("KMP_BLOCKTIME", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from _common import (PeakRSS, available_bytes, interleaved_timings, markdown_table, mb, median,  # noqa: E402
-                     time_call)
+from _common import (PeakRSS, available_bytes, interleaved_timings, load_average, markdown_table, mb,  # noqa: E402
+                     median, run_pinned_child)
 
 SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -74,17 +92,27 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="reduced config, 32x32, batch 1 only")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="PyTorch intra-op threads (XLA uses all CPUs); default: CPUs available to this process")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall: elapsed time (the default); cpu: process CPU time, robust to other load on a shared "
-                        "machine but only meaningful single-threaded (run under `taskset -c N` so both use 1 thread)")
+    p.add_argument("--clock", choices=("both", "wall", "cpu"), default="both",
+                   help="wall: all CPUs, elapsed time; cpu: pinned to one CPU (--pin), process CPU time; both "
+                        "(default): wall here, then cpu in a pinned subprocess, one table")
+    p.add_argument("--pin", action="store_true", help="run on one CPU (needed by --clock cpu)")
+    p.add_argument("--call", default="nnx,split",
+                   help="fwd, comma list: nnx (nnx.jit on the module, as a user calls it), nnx_tree (the same with "
+                        "graph=False: no graph traversal per call), split (jax.jit on the split state); default "
+                        "nnx,split")
+    p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-runtime-defaults", action="store_true",
                    help="do not apply facecrafter_jax.runtime.configure_cpu() (measure stock XLA flags)")
     p.add_argument("--no-check", action="store_true", help="skip the output/gradient comparison")
     args = p.parse_args(argv)
     if args.quick:
-        args.configs, args.latents, args.batch = "reduced", "32", "1"
+        args.configs, args.latents, args.batch, args.clock = "reduced", "32", "1", "wall"
+    if args.clock == "cpu" and not args.pin:
+        p.error("--clock cpu needs --pin (one CPU; CPU time of several threads counts their spin-waiting)")
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     args.configs = _names(args.configs, CONFIGS)
+    args.call = _names(args.call, {"nnx", "nnx_tree", "split"})
     args.mode = _names(args.mode, {"fwd", "fwdbwd"})
     args.latents = _ints(args.latents)
     args.batch = _ints(args.batch)
@@ -159,7 +187,7 @@ def _flax_fns(model, mode: str):
 
 
 def run_case(torch_model, flax_model, rules, *, mode: str, size: int, batch: int, repeats: int, seed: int,
-             check: bool, clock: str = "wall") -> dict:
+             check: bool, clock: str = "wall", call=("nnx", "split")) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import torch
@@ -174,29 +202,31 @@ def run_case(torch_model, flax_model, rules, *, mode: str, size: int, batch: int
     t0 = time.perf_counter()
     compiled = fn.lower(params, jx, jt, jctx).compile()
     compile_s = time.perf_counter() - t0
+    calls = list(call) if mode == "fwd" else ["split"]
+    user_fn = nnx.jit(lambda m, x, t, c: m(x, t, c))  # what a user writes; walks the module graph on every call
+    tree_fn = nnx.jit(lambda m, x, t, c: m(x, t, c), graph=False)  # flax's tree mode: modules as plain pytrees
+    runners = {"nnx": lambda: user_fn(flax_model, jx, jt, jctx), "nnx_tree": lambda: tree_fn(flax_model, jx, jt, jctx),
+               "split": lambda: compiled(params, jx, jt, jctx)}
     ma = compiled.memory_analysis()
     xla_temp = getattr(ma, "temp_size_in_bytes", 0) if ma is not None else 0
     xla_out = getattr(ma, "output_size_in_bytes", 0) if ma is not None else 0
     # Both frameworks need roughly the planned temporaries + outputs; require room for that plus a margin.
     need = 1.3 * (xla_temp + xla_out)
     avail = available_bytes()
-    row = dict(mode=mode, size=size, batch=batch, compile_s=compile_s, xla_temp_mb=mb(xla_temp))
+    row = dict(mode=mode, size=size, batch=batch, compile_s=compile_s, xla_temp_mb=mb(xla_temp), clock=clock)
     if need > avail:
         row["skipped"] = f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
-        return row
+        return [row]
 
     params_t = [p for p in torch_model.parameters()]
-    if mode == "fwd":
-        def ours():
-            return jax.block_until_ready(compiled(params, jx, jt, jctx))
+    ours_fns = {c: (lambda r=runners[c]: jax.block_until_ready(r())) for c in calls}
+    ours = ours_fns[calls[0]]
 
+    if mode == "fwd":
         def theirs():
             with torch.no_grad():
                 return torch_model(tx, tt, tctx).sample
     else:
-        def ours():
-            return jax.block_until_ready(compiled(params, jx, jt, jctx))
-
         def theirs():
             for p in params_t:
                 p.requires_grad_(True)
@@ -237,34 +267,26 @@ def run_case(torch_model, flax_model, rules, *, mode: str, size: int, batch: int
     row["torch_peak_mb"] = mb(m.delta)
     gc.collect()
 
-    times = interleaved_timings({"ours": ours, "torch": theirs}, repeats, clock=clock)
-    row["ours_s"], row["torch_s"] = median(times["ours"]), median(times["torch"])
-    row["ratio"] = row["ours_s"] / row["torch_s"]
-    row["ours_all"], row["torch_all"] = times["ours"], times["torch"]
+    for c in calls[1:]:  # warm-up (compiles the nnx.jit variant)
+        ours_fns[c]()
+    times = interleaved_timings({**{f"ours_{c}": f for c, f in ours_fns.items()}, "torch": theirs}, repeats,
+                                clock=clock)
+    rows = []
+    for c in calls:
+        r = dict(row, call=c, ours_s=median(times[f"ours_{c}"]), torch_s=median(times["torch"]),
+                 ours_all=times[f"ours_{c}"], torch_all=times["torch"])
+        r["ratio"] = r["ours_s"] / r["torch_s"]
+        rows.append(r)
     for p in params_t:
         p.requires_grad_(False)
-    return row
+    return rows
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if not args.no_runtime_defaults:
-        from facecrafter_jax.runtime import configure_cpu
-
-        configure_cpu()
-    import jax
+def measure(args) -> list[dict]:
     import torch
 
-    torch.set_num_threads(args.threads)
-    if args.clock == "cpu" and (args.threads > 1 or len(os.sched_getaffinity(0)) > 1):
-        print("# warning: --clock cpu with more than one thread counts the threads' spin-waiting; "
-              "use `taskset -c 0` (one CPU) for CPU-time comparisons", flush=True)
+    torch.set_num_threads(1 if args.pin else args.threads)
     torch.set_grad_enabled(True)
-    print(f"# jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
-          f"torch threads {torch.get_num_threads()}, CPUs usable {len(os.sched_getaffinity(0))} of {os.cpu_count()}, "
-          f"clock {args.clock}, "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
-
     rows, skipped = [], []
     for name in args.configs:
         t0 = time.perf_counter()
@@ -278,33 +300,89 @@ def main(argv=None):
         for mode in args.mode:
             for size in args.latents:
                 for batch in args.batch:
-                    row = run_case(torch_model, flax_model, rules, mode=mode, size=size, batch=batch,
-                                   repeats=args.repeats, seed=args.seed, check=not args.no_check, clock=args.clock)
-                    row["config"] = name
-                    if "skipped" in row:
-                        skipped.append(row)
-                        print(f"# skip {name} {mode} {size}x{size} b{batch}: {row['skipped']}", flush=True)
+                    case = run_case(torch_model, flax_model, rules, mode=mode, size=size, batch=batch,
+                                    repeats=args.repeats, seed=args.seed, check=not args.no_check, clock=args.clock,
+                                    call=args.call)
+                    for row in case:
+                        row["config"] = name
+                        row["load"] = load_average()
+                    if "skipped" in case[0]:
+                        skipped.append(case[0])
+                        print(f"# skip {name} {mode} {size}x{size} b{batch}: {case[0]['skipped']}", flush=True)
                         continue
-                    rows.append(row)
-                    print(f"# {name} {mode} {size}x{size} b{batch}: ours {row['ours_s']:.3f} s "
-                          f"{[round(v, 3) for v in row['ours_all']]}, torch {row['torch_s']:.3f} s "
-                          f"{[round(v, 3) for v in row['torch_all']]}, ratio {row['ratio']:.2f}, "
-                          f"compile {row['compile_s']:.1f} s, err {row.get('max_err', float('nan')):.2e}"
-                          + (f", loss err {row['loss_err']:.1e}" if "loss_err" in row else ""), flush=True)
+                    rows.extend(case)
+                    for row in case:
+                        print(f"# {name} {mode} {size}x{size} b{batch} ({args.clock}, {row['call']}): ours "
+                              f"{row['ours_s']:.3f} s {[round(v, 3) for v in row['ours_all']]}, torch "
+                              f"{row['torch_s']:.3f} s {[round(v, 3) for v in row['torch_all']]}, ratio "
+                              f"{row['ratio']:.2f}, compile {row['compile_s']:.1f} s, err "
+                              f"{row.get('max_err', float('nan')):.2e}"
+                              + (f", loss err {row['loss_err']:.1e}" if "loss_err" in row else "")
+                              + f", load {row['load']}", flush=True)
                     gc.collect()
         del torch_model, flax_model, rules
         gc.collect()
-
-    headers = ["config", "mode", "latent", "batch", "ours s", "torch s", "ours/torch", "compile s",
-               "max abs err (ref max)", "peak MB ours", "peak MB torch", "XLA temp MB"]
-    table = [[r["config"], r["mode"], f"{r['size']}x{r['size']}", r["batch"], f"{r['ours_s']:.3f}",
-              f"{r['torch_s']:.3f}", f"{r['ratio']:.2f}", f"{r['compile_s']:.1f}",
-              f"{r['max_err']:.1e} ({r['ref_scale']:.1e})" if "max_err" in r else "-",
-              f"{r['ours_peak_mb']:.0f}", f"{r['torch_peak_mb']:.0f}", f"{r['xla_temp_mb']:.0f}"] for r in rows]
-    print()
-    print(markdown_table(headers, table))
     for r in skipped:
-        print(f"\nskipped: {r['config']} {r['mode']} {r['size']}x{r['size']} batch {r['batch']}: {r['skipped']}")
+        print(f"# skipped: {r['config']} {r['mode']} {r['size']}x{r['size']} batch {r['batch']}: {r['skipped']}")
+    return rows
+
+
+def table(wall: list[dict], cpu: list[dict]) -> str:
+    def key(r):
+        return r["config"], r["mode"], r["size"], r["batch"], r.get("call", "-")
+
+    by_wall, by_cpu = {key(r): r for r in wall}, {key(r): r for r in cpu}
+
+    def f(r, k, fmt="{:.3f}"):
+        return fmt.format(r[k]) if k in r else "-"
+
+    out = []
+    for k in dict.fromkeys([key(r) for r in wall + cpu]):
+        w, c = by_wall.get(k, {}), by_cpu.get(k, {})
+        m = w or c
+        err = f"{m['max_err']:.1e} ({m['ref_scale']:.1e})" if "max_err" in m else "-"
+        out.append([k[0], k[1], k[4], f"{k[2]}x{k[2]}", k[3], f(w, "ours_s"), f(w, "torch_s"),
+                    f(w, "ratio", "**{:.2f}**"), f(c, "ours_s"), f(c, "torch_s"), f(c, "ratio", "**{:.2f}**"),
+                    f(m, "compile_s", "{:.1f}"), err, f(m, "ours_peak_mb", "{:.0f}"), f(m, "torch_peak_mb", "{:.0f}"),
+                    f(m, "xla_temp_mb", "{:.0f}")])
+    headers = ["config", "mode", "call", "latent", "batch", "wall ours s", "wall torch s", "wall ours/torch",
+               "1-thread CPU ours s", "1-thread CPU torch s", "CPU ours/torch", "compile s", "max abs err (ref max)",
+               "peak MB ours", "peak MB torch", "XLA temp MB"]
+    return markdown_table(headers, out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.no_runtime_defaults:
+        from facecrafter_jax.runtime import configure_cpu
+
+        configure_cpu()
+    import jax
+    import torch
+
+    print(f"# jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
+          f"CPUs usable {len(os.sched_getaffinity(0))} of {os.cpu_count()}, clock {args.clock}, "
+          f"load average {load_average()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    wall, cpu = [], []
+    if args.clock == "cpu":
+        cpu = measure(args)
+    else:
+        wall = measure(argparse.Namespace(**{**vars(args), "clock": "wall"}))
+        if args.clock == "both":
+            import tempfile
+
+            child = [a for a in args.argv if a not in ("--pin",)]
+            with tempfile.TemporaryDirectory() as d:
+                cpu = run_pinned_child(__file__, child, os.path.join(d, "cpu.json"))
+    print(f"\n# load average at the end {load_average()}; wall = all {len(os.sched_getaffinity(0))} CPUs, "
+          "CPU = process CPU time pinned to one CPU; ratios < 1: ours faster\n")
+    print(table(wall, cpu), flush=True)
+    rows = wall + cpu
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump([{k: v for k, v in r.items()} for r in rows], f, indent=1)
     return rows
 
 

@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Entry points run in-process (sample.py, train.py) must not fill the user's persistent compilation cache
+# (~/.cache/facecrafter_jax/xla); tests/test_runtime.py checks the cache in a temporary folder.
+os.environ.setdefault("FACECRAFTER_COMPILATION_CACHE", "off")
 
 import pathlib
 

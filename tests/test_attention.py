@@ -52,6 +52,28 @@ def test_custom_scale_and_bf16_keeps_float32_softmax():
     assert np.abs(np.asarray(fused, np.float32) - np.asarray(out, np.float32)).max() < 3e-2
 
 
+@pytest.mark.parametrize("budget", [None, 64])  # one block; query blocks per batch element, last block padded
+def test_cpu_attention_gradients_match_torch(monkeypatch, budget):
+    import jax
+
+    from facecrafter_jax.models import attention as A
+
+    if budget is not None:
+        monkeypatch.setattr(A, "CPU_LOGITS_BUDGET", budget)  # per batch element, 37 queries -> 3 blocks of 13 (+ 2 pad)
+    q, k, v = _qkv(3, lq=37 if budget else 12)
+    g = jnp.asarray(np.random.default_rng(4).normal(size=q.shape).astype(np.float32))
+    out, grads = jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v, implementation="xla") * g),
+                                    argnums=(0, 1, 2))(q, k, v)
+    tq, tk, tv = (torch.from_numpy(np.asarray(t).transpose(0, 2, 1, 3).copy()).requires_grad_(True) for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+    tg = torch.from_numpy(np.asarray(g).transpose(0, 2, 1, 3).copy())
+    ref_grads = torch.autograd.grad(ref, (tq, tk, tv), tg)
+    assert abs(float(out) - float((ref * tg).sum())) < 1e-4
+    for mine, r in zip(grads, ref_grads):
+        r = r.numpy().transpose(0, 2, 1, 3)
+        assert np.abs(np.asarray(mine) - r).max() < 1e-5 * max(1.0, np.abs(r).max())
+
+
 def test_bad_arguments_are_named():
     q, k, v = _qkv(2)
     with pytest.raises(ValueError, match="flash"):

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .resnet import conv2d, group_norm
+from .ops import conv2d, linear
+from .resnet import group_norm
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -133,14 +134,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "x
             out = jnp.einsum("...qk,...kd->...qd", e.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
             return out / s, (m + jnp.log(s))[..., 0]
 
+        def t_matmul(a, b):  # a [..., q, k], b [..., q, d] -> [..., k, d] as (b^T a)^T
+            # XLA:CPU runs "contract the major axis of both" ~5-12x slower than this orientation
+            # (transposed small operand, the [q, k] block streamed in its own layout); the barriers keep
+            # the algebraic simplifier from folding it back (docs/performance.md).
+            bt = jax.lax.optimization_barrier(jnp.swapaxes(b, -1, -2))
+            out = jnp.einsum("...dq,...qk->...dk", bt, a, preferred_element_type=jnp.float32)
+            return jnp.swapaxes(jax.lax.optimization_barrier(out), -1, -2)
+
         def bwd_block(qb, kb, vb, dob, lseb, deltab):  # recomputes the block's probabilities
             logits = jnp.einsum("...qd,...kd->...qk", qb, kb, preferred_element_type=jnp.float32)
             p = jnp.exp(logits - lseb[..., None])
-            dv = jnp.einsum("...qk,...qd->...kd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+            dv = t_matmul(p.astype(dob.dtype), dob)
             dp = jnp.einsum("...qd,...kd->...qk", dob, vb, preferred_element_type=jnp.float32)
             ds = p * (dp - deltab[..., None])
             dq = jnp.einsum("...qk,...kd->...qd", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
-            dk = jnp.einsum("...qk,...qd->...kd", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
+            dk = t_matmul(ds.astype(qb.dtype), qb)
             return dq, dk, dv
 
         def split(x):  # [h, Lq, ...] -> [n, h, size, ...]
@@ -213,7 +222,7 @@ def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def _linear(i: int, o: int, dtype, rngs: nnx.Rngs, *, bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return linear(i, o, dtype, rngs, bias=bias)
 
 
 class Attention(nnx.Module):

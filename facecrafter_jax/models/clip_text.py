@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from facecrafter_jax import tokens as _tokens
+from facecrafter_jax.models.ops import linear
 
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTextEmbeddings", "CLIPAttention", "CLIPMLP",
            "CLIPEncoderLayer", "CLIPEncoder"]
@@ -161,7 +162,7 @@ class CLIPTextConfig:
 
 
 def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return linear(d_in, d_out, dtype, rngs)
 
 
 def _layer_norm(n: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:

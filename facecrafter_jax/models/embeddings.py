@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .ops import linear
+
 
 def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, *, flip_sin_to_cos: bool = False,
                            downscale_freq_shift: float = 1.0, scale: float = 1.0, max_period: int = 10000) -> jax.Array:
@@ -52,8 +54,8 @@ class TimestepEmbedding(nnx.Module):
     """``linear_1 -> SiLU -> linear_2`` applied to the sinusoidal projection."""
 
     def __init__(self, in_channels: int, time_embed_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.linear_1 = nnx.Linear(in_channels, time_embed_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.linear_2 = nnx.Linear(time_embed_dim, time_embed_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.linear_1 = linear(in_channels, time_embed_dim, dtype, rngs)
+        self.linear_2 = linear(time_embed_dim, time_embed_dim, dtype, rngs)
 
     def __call__(self, sample: jax.Array) -> jax.Array:
         return self.linear_2(jax.nn.silu(self.linear_1(sample)))

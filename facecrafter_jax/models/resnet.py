@@ -10,15 +10,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .ops import conv2d, linear, upsample_nearest_2x
+
+__all__ = ["group_norm", "conv2d", "linear", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+
 
 def group_norm(num_channels: int, num_groups: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
     return nnx.GroupNorm(num_channels, num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def conv2d(in_ch: int, out_ch: int, kernel: int, dtype, rngs: nnx.Rngs, *, stride: int = 1, padding: int | None = None) -> nnx.Conv:
-    pad = kernel // 2 if padding is None else padding
-    return nnx.Conv(in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride),
-                    padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 class ResnetBlock2D(nnx.Module):
@@ -35,7 +35,7 @@ class ResnetBlock2D(nnx.Module):
         self.output_scale_factor = output_scale_factor
         self.norm1 = group_norm(in_channels, groups, eps, dtype, rngs)
         self.conv1 = conv2d(in_channels, out_channels, 3, dtype, rngs)
-        self.time_emb_proj = (nnx.Linear(temb_channels, out_channels, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.time_emb_proj = (linear(temb_channels, out_channels, dtype, rngs)
                               if temb_channels is not None else None)
         self.norm2 = group_norm(out_channels, groups, eps, dtype, rngs)
         # Dropout between norm2/SiLU and conv2 (diffusers' order); rate 0 is a no-op and needs no rng.
@@ -76,5 +76,4 @@ class Upsample2D(nnx.Module):
         self.conv = conv2d(channels, out_channels or channels, 3, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        return self.conv(upsample_nearest_2x(x))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from facecrafter_jax.models.ops import linear
 from facecrafter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d, group_norm
 
 __all__ = [
@@ -175,7 +176,7 @@ class AutoencoderKLConfig:
 
 
 def _linear(i: int, o: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(i, o, use_bias=True, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return linear(i, o, dtype, rngs)
 
 
 class VAEAttentionBlock(nnx.Module):

@@ -516,6 +516,10 @@ def generate(v: dict, args) -> dict:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from facecrafter_jax.runtime import configure_cpu, enable_compilation_cache
+
+    configure_cpu()  # XLA:CPU flag defaults (docs/performance.md); no effect on GPU / TPU, user XLA_FLAGS win
+    enable_compilation_cache()  # a second run loads the sampler program from disk (docs/performance.md)
     v = validate(args)
     if v["identity"]["source"] == "image":
         emb, info = embed_id_image(args.id_image, v["identity"]["landmarker"], v["identity"]["arcface"])

@@ -76,9 +76,10 @@ def _main(argv: list[str], *, debug: bool = False) -> int:
 
 
 def _train(cfg) -> int:
-    from facecrafter_jax.runtime import configure_cpu
+    from facecrafter_jax.runtime import configure_cpu, enable_compilation_cache
 
     configure_cpu()  # XLA:CPU flag defaults (docs/performance.md); no effect on GPU / TPU, user XLA_FLAGS win
+    enable_compilation_cache()  # a restarted / resumed run loads its compiled step from disk (docs/performance.md)
     from .loop import run
 
     result = run(cfg)
