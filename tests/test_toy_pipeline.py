@@ -4,6 +4,7 @@ running again skips every stage; an interrupted pipeline continues at the first 
 config in the same folder is an error naming the key. (The full-size run and its numbers: docs/results.md.)"""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,10 +13,10 @@ from facecrafter_jax.toy.pipeline import STAGE_NAMES, ToyPipeline, load_pipeline
 from facecrafter_jax.train.config import ConfigError
 from facecrafter_jax.train.testing import REPO
 
-TINY = ["train_images=96", "test_images=32", "world.num_identities=6", "analysers.steps=6", "vae.steps=4",
+TINY = ["base_images=96", "adapter_images=96", "test_images=32", "world.num_identities=6", "analysers.steps=6", "vae.steps=4",
         "vae.stats_images=64", "stages.base.steps=3", "stages.landmark.steps=2", "stages.emotion.steps=2",
         "stages.joint.steps=2", "evaluation.identities=3", "evaluation.per_identity=2", "evaluation.num_steps=2",
-        "evaluation.batch_size=8"]
+        "evaluation.batch_size=8", "evaluation.bootstrap=5", "evaluation.probe_images=8"]
 
 
 def _cfg(out, *extra):
@@ -38,18 +39,27 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
 
     # outputs
     from facecrafter_jax.data import records as R
+    from facecrafter_jax.data.identities import read_identity_labels
     from facecrafter_jax.pretrained import read_manifest
 
-    info = R.read_dataset_info(out / "data" / "records")
-    assert info["num_records"] == 96 and info["latent_side"] == 16
+    for split in ("base", "adapter"):
+        info = R.read_dataset_info(out / "data" / "records" / split)
+        assert info["num_records"] == 96 and info["latent_side"] == 16
+        with np.load(out / "data" / f"{split}.npz") as z:  # the render stage's identities, in record order
+            want = [f"id{int(k):04d}" for k in z["identity"]]
+        assert read_identity_labels(out / "data" / "records" / split) == want
     assert set(read_manifest(str(out / "base_model"))["components"]) == {"unet", "text_encoder", "vae"}
     assert set(read_manifest(str(out / "facecrafter"))["components"]) == {"unet", "text_encoder", "vae", "adapters"}
     report = json.loads((out / "report.json").read_text())
     sets = [r["set"] for r in report["rows"]]
-    assert sets[0].startswith("real renders") and "joint: ID+LMK+EMO" in sets and len(sets) == 8
+    assert sets[0].startswith("real renders") and "joint: ID+LMK+EMO" in sets and len(sets) == 10
+    assert [r["table"] for r in report["rows"] if r["set"] == "joint: ID-only (null tokens)"] == ["id_only"]
     for r in report["rows"]:
         assert 0.0 <= r["id_top1"] <= 1.0 and 0.0 <= r["emotion_acc"] <= 1.0 and r["pose_mae_deg"] >= 0.0
-        assert np.isfinite(r["fd"]) and r["n"] == 6
+        assert np.isfinite(r["fd_base"]) and np.isfinite(r["fd_full"]) and r["n"] == 6
+        assert r["pose_copy"] >= 0.0 and np.isfinite(r["pose_div_deg"]) and "id_top1_se" in r
+    assert set(report["arcface_leakage"]) >= {"r2_yaw", "r2_expression", "emotion_acc"}
+    assert set(report["split_statistics"]) == {"base", "adapter", "test", "test_base"}
     probe = report["control_probe"]
     assert set(probe) == {"stage a", "stage b", "joint"} and set(probe["joint"]) >= {"landmark", "emotion"}
     assert all(np.isfinite(g) for pr in probe.values() for c in ("landmark", "emotion") if c in pr for g in pr[c]["gain"])
@@ -57,7 +67,8 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "## Control probe" in md and "| joint | emotion |" in md
     for s in sets:
         assert f"| {s} |" in md
-    for img in ("comparison.png", "emotion_sweep.png", "pose_sweep.png"):
+    assert "## ID-only sampling" in md and "## Acceptance checks" in md
+    for img in ("comparison.png", "id_only.png", "emotion_sweep.png", "pose_sweep.png"):
         assert (out / "images" / img).stat().st_size > 1000
     assert results["joint"]["result"]["steps"] == 2
 
@@ -70,6 +81,17 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="stages.base.steps"):
         ToyPipeline(_cfg(out, "stages.base.steps=5"), log=logs.append).run()
 
+    # the base-probe tool (docs/toy_world.md) on the pipeline's own base model, copied in: nothing is trained
+    from facecrafter_jax.toy.base_probe import run_base_probe
+
+    shutil.copytree(out / "base_model", out / "probes" / "own" / "model")
+    row = run_base_probe(ToyPipeline(_cfg(out), log=logs.append), "own", identities=3, per_identity=2)
+    for key in ("id_top1", "fd", "pose_div_deg", "pose_copy", "yaw_copy_slope", "emotion_copy"):
+        assert np.isfinite(row[key][0]) and np.isfinite(row["real"][key][0]), key
+    assert row["final_diffusion_loss"] is None  # not retrained
+    assert json.loads((out / "probes" / "log.jsonl").read_text().splitlines()[-1])["name"] == "own"
+    assert (out / "probes" / "own" / "grid.png").stat().st_size > 1000
+
 
 def test_pipeline_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="'evaluation.per_identity'"):
@@ -78,3 +100,24 @@ def test_pipeline_config_errors(tmp_path):
         _cfg(tmp_path, "stages.joint.stepz=1")
     with pytest.raises(ValueError, match="unknown stage"):
         ToyPipeline(_cfg(tmp_path)).run(until="nope")
+
+
+def test_gpu_profile_is_the_cpu_pipeline_at_ten_times():
+    """configs/toy/pipeline_gpu.yaml: ~10x the steps, renders and samples per set of the CPU defaults, nothing
+    else changed (same world, splits, models, sampler)."""
+    from facecrafter_jax.toy.pipeline import load_pipeline_config
+
+    cpu = load_pipeline_config(str(REPO / "configs/toy/pipeline.yaml"))
+    gpu = load_pipeline_config(str(REPO / "configs/toy/pipeline_gpu.yaml"))
+    for name in ("base", "landmark", "emotion", "joint"):
+        c, g = getattr(cpu.stages, name), getattr(gpu.stages, name)
+        assert g.config == c.config and g.steps == 10 * c.steps, name
+    assert gpu.base_images == 10 * cpu.base_images and gpu.adapter_images == 10 * cpu.adapter_images
+    assert gpu.analysers["steps"] == 10 * cpu.analysers["steps"] and gpu.vae["steps"] == 10 * cpu.vae["steps"]
+    assert {k: v for k, v in gpu.analysers.items() if k != "steps"} == {k: v for k, v in cpu.analysers.items()
+                                                                         if k != "steps"}
+    ev_c, ev_g = cpu.evaluation, gpu.evaluation
+    assert ev_g.identities * ev_g.per_identity == 10 * ev_c.identities * ev_c.per_identity >= 2560
+    for k in ("num_steps", "scheduler", "guidance_id", "guidance_control", "seed"):
+        assert getattr(ev_g, k) == getattr(ev_c, k), k
+    assert (gpu.world, gpu.base_split, gpu.celebrity, gpu.seed) == (cpu.world, cpu.base_split, cpu.celebrity, cpu.seed)

@@ -365,6 +365,22 @@ def test_records_written_and_read_back(world, tmp_path):
     assert b.features["landmarks"].shape == (5, 478, 3)
     with pytest.raises(ValueError, match="latent_moments has 4 rows"):
         write_records(tmp_path / "ds2", b.image_ids, b.features, lat[:4])
+    with pytest.raises(ValueError, match="identities has 4 entries"):
+        write_records(tmp_path / "ds2", b.image_ids, b.features, lat, identities=b.attributes.identity[:4])
+
+
+def test_records_identity_labels_for_other_photo_identity(world, tmp_path):
+    """identities.tsv holds each record's world identity (also across appended batches), as the other-photo
+    identity draw reads it."""
+    from facecrafter_jax.data.identities import read_identity_labels
+
+    lat = np.zeros((4, 8, 8, 8), np.float32)
+    ids = []
+    for seed in (62, 63):  # the second batch appends to the dataset
+        b = world.generate(4, seed=seed, batch_size=BS)
+        write_records(tmp_path / "ds", b.image_ids, b.features, lat, shard_size=3, identities=b.attributes.identity)
+        ids += [f"id{int(k):04d}" for k in b.attributes.identity]
+    assert read_identity_labels(tmp_path / "ds") == ids
 
 
 def test_studio_scene_keeps_the_draws_and_removes_the_nuisance(world):

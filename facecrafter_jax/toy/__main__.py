@@ -9,6 +9,10 @@
     renders a training set and a fresh test set, trains the toy analysers, prints and stores their
     accuracy on the fresh renders (``config.json`` next to ``model.safetensors``).
 
+``python -m facecrafter_jax.toy base-probe NAME [train.py overrides] [--pipeline out=runs/toy] [--ev guidance_id=3]``
+    after ``python train.py --until records``: trains a variant of the base model on the pipeline's base records
+    and measures its ID-only samples (:mod:`facecrafter_jax.toy.base_probe`; the probes of docs/results.md).
+
 ``python -m facecrafter_jax.toy ablation [--variants joint,no_ad,ad_map_overlap,no_mixed] [--docs docs] [key=value ...]``
     after ``python train.py`` (the toy pipeline): retrains stage c per variant and compares them
     (:mod:`facecrafter_jax.toy.ablation`).
@@ -96,11 +100,17 @@ def main(argv=None) -> None:
     a.add_argument("--seed", type=int, default=0)
     sub.add_parser("ablation", help="stage-c ablation on a finished toy pipeline (see facecrafter_jax.toy.ablation)",
                    add_help=False)
+    sub.add_parser("base-probe", help="train and measure a base-model variant (see facecrafter_jax.toy.base_probe)",
+                   add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "ablation":
         from .ablation import main as ablation_main
 
         sys.exit(ablation_main(argv[1:]))
+    if argv and argv[0] == "base-probe":
+        from .base_probe import main as probe_main
+
+        sys.exit(probe_main(argv[1:]))
     args = p.parse_args(argv)
     {"sheets": _sheets, "analysers": _analysers}[args.cmd](args)
 

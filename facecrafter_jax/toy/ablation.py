@@ -83,13 +83,13 @@ def run_ablation(pipeline, variants: Sequence[str] = tuple(VARIANTS), *, docs: s
     rows = []
     main_report = json.loads((Path(p.out) / "report.json").read_text())
     for r in main_report["rows"]:
-        if not r["set"].startswith("joint"):
+        if not r["set"].startswith("joint"):  # real renders, base ID-only, stages a / b
             rows.append({"variant": "-", **r})
     for v in variants:
         pipe = load_pipeline(models[v], ev.scheduler)
         for label, _, controls in JOINT_SETS:
-            images = sample_set(pipe, ctx["cond"], controls, ev)
-            m = ctx["analyse"](images)
+            images = sample_set(pipe, ctx.cond, controls, ev)
+            m = ctx.measure(images)
             rows.append({"variant": v, **m, "set": label})
             p.log(f"[ablation] {v} / {label}: emotion {m['emotion_acc']:.3f}, pose {m['pose_mae_deg']:.2f}, "
                   f"id {m['id_top1']:.3f}")

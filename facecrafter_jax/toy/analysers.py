@@ -6,7 +6,7 @@ heads:
 * identity (ArcFace's role): an L2-normalised embedding, trained as a cosine classifier with an additive
   margin (CosFace) over the world's identities; compare faces by cosine similarity;
 * pose and landmarks (MediaPipe's role): head pose (yaw, pitch, roll, degrees) and all 478 landmarks
-  (x, y in [0, 1] of the image);
+  (x, y in [0, 1] of the image, and with ``landmark_depth`` the relative depth z, as MediaPipe outputs);
 * emotion (EmoNet's role): 8 class logits (neutral, happy, sad, surprise, fear, disgust, anger, contempt)
   and valence / arousal in [-1, 1].
 
@@ -57,6 +57,8 @@ class AnalyserConfig:
     landmark and valence / arousal squared errors, so that every task gets its share of the shared trunk. ``flip_augment`` mirrors a
     random half of every minibatch (image, landmarks via :data:`~.landmarks.MIRROR`, yaw and roll negated);
     ``shift_augment`` translates every image by up to that many pixels (edges replicated, landmarks moved along).
+    ``landmark_depth``: the landmark head also predicts z (MediaPipe's relative depth), so that a face's 3-D
+    landmarks can be pose-normalised (a rigid 3-D alignment removes yaw and pitch, which a 2-D one cannot).
     ``blur_augment`` > 0 blurs a random half of every minibatch with a Gaussian of sigma ~ U(0.3, blur_augment)
     pixels (separable, edges replicated): the analysers then read generated images, which are softer than the
     renders, as real ArcFace / EmoNet read imperfect photos (0 = off).
@@ -82,6 +84,7 @@ class AnalyserConfig:
     flip_augment: bool = True
     shift_augment: int = 3
     blur_augment: float = 0.0
+    landmark_depth: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -172,28 +175,32 @@ class AnalyserNet(nnx.Module):
         self.embed = nnx.Linear(cfg.hidden, cfg.embed_dim, param_dtype=jnp.float32, rngs=rngs)
         self.classifier = nnx.Param(jax.random.normal(rngs.params(), (cfg.num_identities, cfg.embed_dim)))
         self.pose = nnx.Linear(cfg.hidden, 3, param_dtype=jnp.float32, rngs=rngs)
-        self.landmarks = nnx.Linear(cfg.hidden, NUM_LANDMARKS * 2, param_dtype=jnp.float32, rngs=rngs)
+        self.landmark_dims = 3 if cfg.landmark_depth else 2
+        self.landmarks = nnx.Linear(cfg.hidden, NUM_LANDMARKS * self.landmark_dims, param_dtype=jnp.float32,
+                                    rngs=rngs)
         self.emotion = nnx.Linear(cfg.hidden, NUM_EMOTIONS, param_dtype=jnp.float32, rngs=rngs)
         self.va = nnx.Linear(cfg.hidden, 2, param_dtype=jnp.float32, rngs=rngs)
 
     def raw(self, images) -> dict[str, jax.Array]:
         """Head outputs before scaling: embedding (unit norm), cosines to the identity centres, pose / 30 deg,
-        (landmarks - 0.5) / 0.25, emotion logits, valence / arousal."""
+        landmarks ((x - 0.5) / 0.25, (y - 0.5) / 0.25 and with depth z / 0.25), emotion logits, valence / arousal."""
         h = self.backbone(images)
         e = self.embed(h)
         e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-8)
         w = self.classifier[...]
         w = w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-8)
         return {"embedding": e, "cosines": e @ w.T, "pose": self.pose(h),
-                "landmarks": self.landmarks(h).reshape(-1, NUM_LANDMARKS, 2), "emotion_logits": self.emotion(h),
+                "landmarks": self.landmarks(h).reshape(-1, NUM_LANDMARKS, self.landmark_dims),
+                "emotion_logits": self.emotion(h),
                 "va": jnp.tanh(self.va(h))}
 
     def __call__(self, images) -> dict[str, jax.Array]:
-        """``embedding`` [N, E], ``cosines`` [N, I], ``head_pose`` [N, 3] deg, ``landmarks`` [N, 478, 2],
+        """``embedding`` [N, E], ``cosines`` [N, I], ``head_pose`` [N, 3] deg, ``landmarks`` [N, 478, 2 or 3],
         ``emotion_probs`` [N, 8], ``va`` [N, 2]."""
         r = self.raw(images)
         return {"embedding": r["embedding"], "cosines": r["cosines"], "head_pose": r["pose"] * POSE_SCALE_DEG,
-                "landmarks": r["landmarks"] * 0.25 + 0.5, "emotion_probs": jax.nn.softmax(r["emotion_logits"]),
+                "landmarks": r["landmarks"] * 0.25 + jnp.asarray([0.5, 0.5, 0.0][:self.landmark_dims]),
+                "emotion_probs": jax.nn.softmax(r["emotion_logits"]),
                 "va": r["va"]}
 
 
@@ -282,7 +289,8 @@ class ToyAnalysers:
         return cos.argmax(-1), cos
 
     def pose_landmarks(self, images, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """(head pose [N, 3] degrees (yaw, pitch, roll), landmarks [N, 478, 2] in image units)."""
+        """(head pose [N, 3] degrees (yaw, pitch, roll), landmarks [N, 478, 2] in image units (3 with
+        ``landmark_depth``: z as in the records))."""
         return self._run("pose", lambda m, x: (m(x)["head_pose"], m(x)["landmarks"]), images, batch_size)
 
     def emotion(self, images, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -341,7 +349,8 @@ def _losses(model: AnalyserNet, cfg: AnalyserConfig, batch) -> tuple[jax.Array, 
     # pose + landmarks (normalised targets)
     pose_raw, lm_raw = r["pose"], r["landmarks"]
     pose_loss = jnp.mean((pose_raw - batch["head_pose"] / POSE_SCALE_DEG) ** 2)
-    lm_loss = jnp.mean((lm_raw - (batch["landmarks"][..., :2] - 0.5) / 0.25) ** 2)
+    d = lm_raw.shape[-1]
+    lm_loss = jnp.mean((lm_raw - (batch["landmarks"][..., :d] - jnp.asarray([0.5, 0.5, 0.0][:d])) / 0.25) ** 2)
     # emotion: soft cross-entropy on the record probabilities + squared error on valence / arousal
     elog, va = r["emotion_logits"], r["va"]
     emo_loss = optax.softmax_cross_entropy(elog, batch["emotion"][:, :NUM_EMOTIONS]).mean()

@@ -3,7 +3,7 @@
 Registered through the ``facecrafter_jax.analysers`` entry point (pyproject.toml), so the evaluation library
 never names the toy package. ``dir`` is a folder written by :meth:`ToyAnalysers.save` (the toy pipeline's
 ``runs/toy/analysers``). Identity embeddings are offered when the analysers' embedding has the ArcFace width;
-landmarks have z = 0 (the toy landmark head predicts x, y only).
+landmarks have z = 0 unless the analysers were trained with ``landmark_depth`` (then their predicted z).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ToyBackend(Analysers):
 
     def landmarks(self, images):
         pose, xy = self.toy.pose_landmarks(self._stack(images), self.batch_size)
-        lmk = np.concatenate([xy, np.zeros(xy.shape[:2] + (1,), xy.dtype)], axis=-1)
+        lmk = xy if xy.shape[-1] == 3 else np.concatenate([xy, np.zeros(xy.shape[:2] + (1,), xy.dtype)], axis=-1)
         return lmk.astype(np.float64), np.asarray(pose, np.float64)
 
     def emotion(self, images):

@@ -2,12 +2,16 @@
 
 Stages (``configs/toy/pipeline.yaml``; every path under ``out``, default ``runs/toy``)::
 
-    render     toy world -> data/train.npz (images + ground truth), data/test.npz (fresh renders)
-    analysers  toy ArcFace / MediaPipe / EmoNet (one CNN, three heads) -> analysers/   + accuracy on test renders
-    vae        toy VAE from scratch (64 px -> 16 x 16 x 4)                -> vae/  (converted-folder format)
-    records    VAE moments + features -> data/records (the data_prep record format, ArrayRecord shards)
-    base       toy Arc2Face (UNet + identity encoder, stage "base" of train.py)  -> base/ -> base_model/
-    landmark   stage a: landmark module on the frozen base                      -> stage_a/ -> stage_a_model/
+    render     toy world -> data/{base,adapter,test,test_base}.npz (images + ground truth): the base model's
+               "celebrity" split (narrow per-identity pose / expression, facecrafter_jax/toy/splits.py), the
+               adapters' full-range split, fresh full-range and celebrity test renders
+    analysers  toy ArcFace / MediaPipe / EmoNet (one CNN, three heads) on the adapter split -> analysers/
+    vae        toy VAE from scratch (64 px -> 16 x 16 x 4) on both splits  -> vae/  (converted-folder format)
+    records    VAE moments + features + the toy ArcFace of each image (the identity analyser's embedding,
+               which leaks pose and expression: facecrafter_jax/toy/identity.py) -> data/records/{base,adapter},
+               each with identities.tsv (so data.other_photo_identity works on the toy records)
+    base       toy Arc2Face (UNet + identity encoder, stage "base" of train.py) on the celebrity split -> base_model/
+    landmark   stage a: landmark module on the frozen base, adapter split       -> stage_a/ -> stage_a_model/
     emotion    stage b: emotion module                                          -> stage_b/ -> stage_b_model/
     joint      stage c: both, mixed conditioning + AD loss, init from a and b   -> stage_c/ -> facecrafter/
     evaluate   samples of every model / setup, toy-analyser metrics -> report.md, report.json, images/
@@ -65,19 +69,23 @@ class Stages:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """The sampling experiment of the report (see :mod:`facecrafter_jax.toy.report`)."""
+    """The sampling experiment of the report (see :mod:`facecrafter_jax.toy.report`): ``identities`` x
+    ``per_identity`` conditions (one reference render per identity), the sampler, guidance, ``bootstrap``
+    resamples for the standard errors of ratios and FD, ``probe_images`` held-out renders for the control probe."""
 
-    identities: int = 16
-    per_identity: int = 4
+    identities: int = 32
+    per_identity: int = 8
     num_steps: int = 20
     scheduler: str = "dpm++2m"
     guidance_id: float = 2.0
     guidance_control: float = 2.0
     seed: int = 7
     batch_size: int = 64
+    bootstrap: int = 100
+    probe_images: int = 64
 
     def __post_init__(self):
-        for f in ("identities", "per_identity", "num_steps", "batch_size"):
+        for f in ("identities", "per_identity", "num_steps", "batch_size", "bootstrap", "probe_images"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"config key 'evaluation.{f}' must be positive, got {getattr(self, f)}")
         if self.per_identity < 2:
@@ -86,10 +94,21 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class ToyPipelineConfig:
+    """``python train.py``'s toy pipeline (``configs/toy/pipeline.yaml``).
+
+    ``base_images`` renders of the ``base_split`` (``celebrity``: narrow per-identity pose / expression habits,
+    :class:`~.splits.CelebritySplit` with the ``celebrity`` overrides; ``full``: the whole range, for
+    comparison) train the base model; ``adapter_images`` full-range renders train the analysers and the adapter
+    stages; ``test_images`` fresh renders of each split are the references of the evaluation.
+    """
+
     out: str = "runs/toy"
     seed: int = 0
     world: dict = field(default_factory=lambda: {"num_identities": 64, "resolution": 64})
-    train_images: int = 6000
+    base_split: str = "celebrity"
+    celebrity: dict = field(default_factory=dict)
+    base_images: int = 6000
+    adapter_images: int = 6000
     test_images: int = 600
     analysers: dict = field(default_factory=lambda: {"steps": 1000})
     vae: dict = field(default_factory=dict)
@@ -97,9 +116,17 @@ class ToyPipelineConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self):
-        if self.train_images < 64 or self.test_images < 16:
-            raise ConfigError(f"train_images >= 64 and test_images >= 16 required, got {self.train_images}, "
-                              f"{self.test_images}")
+        if self.base_images < 64 or self.adapter_images < 64 or self.test_images < 16:
+            raise ConfigError(f"base_images >= 64, adapter_images >= 64 and test_images >= 16 required, got "
+                              f"{self.base_images}, {self.adapter_images}, {self.test_images}")
+        from .splits import SPLITS, CelebritySplit
+
+        if self.base_split not in SPLITS:
+            raise ConfigError(f"config key 'base_split' must be one of {list(SPLITS)}, got {self.base_split!r}")
+        try:
+            CelebritySplit.from_dict(self.celebrity)
+        except ValueError as e:
+            raise ConfigError(f"config key 'celebrity': {e}") from None
 
 
 def load_pipeline_config(path: str | None = DEFAULT_CONFIG, overrides=()) -> ToyPipelineConfig:
@@ -141,11 +168,13 @@ class ToyPipeline:
         f = self._done_file(name)
         return json.loads(f.read_text()) if f.is_file() else None
 
-    def _mark_done(self, name: str, seconds: float, result: dict) -> None:
+    def _mark_done(self, name: str, seconds: float, result: dict, cpu_seconds: float | None = None) -> None:
         f = self._done_file(name)
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stage": name, "seconds": seconds, "result": result}, indent=1, default=float))
+        rec = {"stage": name, "seconds": seconds, "cpu_seconds": cpu_seconds, "load_average": os.getloadavg()[0],
+               "result": result}
+        tmp.write_text(json.dumps(rec, indent=1, default=float))
         os.replace(tmp, f)
 
     def _check_config(self) -> None:
@@ -172,8 +201,9 @@ class ToyPipeline:
         return self._world
 
     def data(self, split: str) -> dict[str, np.ndarray]:
-        """``train`` / ``test`` renders: ``images``, ``identity``, ``arcface``, ``landmarks``, ``head_pose``,
-        ``emotion``, ``image_id``."""
+        """Rendered set ``base`` / ``adapter`` / ``test`` / ``test_base`` (:data:`SPLIT_FILES`): ``images``,
+        ``identity``, ``emotion_class``, ``expression``, ``landmarks``, ``head_pose``, ``emotion`` (the record
+        field), ``image_id``."""
         if split not in self._data:
             with np.load(self.stage_dir("render") / f"{split}.npz") as z:
                 self._data[split] = {k: z[k] for k in z.files}
@@ -196,10 +226,10 @@ class ToyPipeline:
                 self.log(f"[toy {i}/{len(STAGE_NAMES)}] {name}: done earlier ({rec['seconds']:.0f} s), skipped")
             else:
                 self.log(f"[toy {i}/{len(STAGE_NAMES)}] {name} ...")
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 result = getattr(self, f"_stage_{name}")()
                 seconds = time.perf_counter() - t0
-                self._mark_done(name, seconds, result)
+                self._mark_done(name, seconds, result, cpu_seconds=time.process_time() - c0)
                 rec = self.done(name)
                 self.log(f"[toy {i}/{len(STAGE_NAMES)}] {name}: finished in {seconds:.0f} s")
             results[name] = rec
@@ -212,44 +242,68 @@ class ToyPipeline:
         return results
 
     # ------------------------------------------------------------------------------------ stages
-    def _render(self, n: int, seed: int, desc: str) -> dict[str, np.ndarray]:
+    @property
+    def celebrity(self):
+        from .splits import CelebritySplit
+
+        return CelebritySplit.from_dict(self.cfg.celebrity)
+
+    SPLIT_FILES = {"base": "base_split", "adapter": "full", "test": "full", "test_base": "base_split"}
+    """Rendered set -> the split it is drawn from (``base_split``: the configured base split)."""
+
+    def split_of(self, name: str) -> str:
+        s = self.SPLIT_FILES[name]
+        return self.cfg.base_split if s == "base_split" else s
+
+    def _render(self, name: str, n: int, seed: int) -> dict[str, np.ndarray]:
         from tqdm.auto import tqdm
 
+        from .splits import sample_split
+
         w = self.world
-        attrs = w.sample(n, seed)
+        attrs = sample_split(w, self.split_of(name), n, seed, self.celebrity)
         chunk = 512
         images = []
-        for s in tqdm(range(0, n, chunk), desc=desc, unit="batch", dynamic_ncols=True):
+        for s in tqdm(range(0, n, chunk), desc=f"render {name}", unit="batch", dynamic_ncols=True):
             images.append(w.render(attrs.take(np.arange(s, min(n, s + chunk)))))
         feats = w.features(attrs)
-        return {"images": np.concatenate(images), "identity": np.asarray(attrs.identity, np.int32),
-                "image_id": np.asarray([f"toy/s{seed}/{i:07d}" for i in range(n)]), **feats}
+        del feats["arcface"]  # the toy ArcFace is computed from the image by the records stage
+        ids = np.asarray(attrs.identity, np.int32)
+        return {"images": np.concatenate(images), "identity": ids, "emotion_class": np.asarray(attrs.emotion, np.int32),
+                "expression": np.asarray(attrs.expression, np.float32),
+                "image_id": np.asarray([f"toy/{name}/id{k:04d}/s{seed}/{i:07d}" for i, k in enumerate(ids)]), **feats}
+
+    RENDER_SEEDS = {"base": 1000, "adapter": 1100, "test": 2000, "test_base": 2100}
 
     def _stage_render(self) -> dict:
         d = self.stage_dir("render")
         d.mkdir(parents=True, exist_ok=True)
-        for split, n, seed in (("train", self.cfg.train_images, 1000 + self.cfg.seed),
-                               ("test", self.cfg.test_images, 2000 + self.cfg.seed)):
-            data = self._render(n, seed, f"render {split}")
-            tmp = d / f"{split}.tmp.npz"
+        sizes = {"base": self.cfg.base_images, "adapter": self.cfg.adapter_images, "test": self.cfg.test_images,
+                 "test_base": self.cfg.test_images}
+        stats = {}
+        for name, n in sizes.items():
+            data = self._render(name, n, self.RENDER_SEEDS[name] + self.cfg.seed)
+            tmp = d / f"{name}.tmp.npz"
             np.savez(tmp, **data)
-            os.replace(tmp, d / f"{split}.npz")
-            self._data[split] = data
+            os.replace(tmp, d / f"{name}.npz")
+            self._data[name] = data
+            stats[name] = _split_stats(data)
         from facecrafter_jax.image_grid import image_grid, save_png
 
-        save_png(image_grid(self.data("train")["images"][:32], 8), d / "train_samples.png")
-        return {"train_images": self.cfg.train_images, "test_images": self.cfg.test_images,
-                "world": self.world.config.to_dict()}
+        for name in ("base", "adapter"):
+            save_png(image_grid(self.data(name)["images"][:32], 8), d / f"{name}_samples.png")
+        return {"images": sizes, "world": self.world.config.to_dict(), "base_split": self.cfg.base_split,
+                "celebrity": self.celebrity.to_dict(), "split_statistics": stats}
 
     def _stage_analysers(self) -> dict:
         from .analysers import AnalyserConfig, evaluate_analysers, train_analysers
 
-        tr, te = self.data("train"), self.data("test")
+        tr, te = self.data("adapter"), self.data("test")
         acfg = AnalyserConfig.from_dict({"num_identities": self.world.config.num_identities, "seed": self.cfg.seed,
                                          **dict(self.cfg.analysers)})
-        targets = {k: tr[k] for k in ("identity", "arcface", "landmarks", "head_pose", "emotion")}
-        analysers, _ = train_analysers(tr["images"], targets, acfg, progress=True)
-        metrics = evaluate_analysers(analysers, te["images"], {k: te[k] for k in targets})
+        keys = ("identity", "landmarks", "head_pose", "emotion")
+        analysers, _ = train_analysers(tr["images"], {k: tr[k] for k in keys}, acfg, progress=True)
+        metrics = evaluate_analysers(analysers, te["images"], {k: te[k] for k in keys})
         analysers.save(self.stage_dir("analysers"), extra={"metrics_on_test_renders": metrics})
         self.log("[toy] analysers on fresh renders: " + ", ".join(
             f"{k} {metrics[k]:.3f}" for k in ("id_top1", "pose_mae_deg", "landmark_nme", "emotion_acc")))
@@ -261,7 +315,8 @@ class ToyPipeline:
         from .vae_training import VAETrainConfig, train_vae
 
         vcfg = VAETrainConfig.from_dict({"seed": self.cfg.seed, **dict(self.cfg.vae)})
-        vae, info = train_vae(self.data("train")["images"], vcfg, progress=True)
+        images = np.concatenate([self.data("base")["images"], self.data("adapter")["images"]])
+        vae, info = train_vae(images, vcfg, progress=True)
         tmp = self.out / "vae.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(str(tmp), vae=vae)
@@ -274,28 +329,63 @@ class ToyPipeline:
 
         return load_pretrained(str(self.stage_dir("vae")), components=("vae",)).vae
 
+    def analysers(self):
+        """The toy analysers of the ``analysers`` stage (loaded once)."""
+        if getattr(self, "_analysers", None) is None:
+            from .analysers import ToyAnalysers
+
+            self._analysers = ToyAnalysers.load(self.stage_dir("analysers"))
+        return self._analysers
+
+    def arcface(self, images: np.ndarray) -> np.ndarray:
+        """The toy ArcFace of images (:func:`~.identity.toy_arcface` with this pipeline's analysers and seed)."""
+        from .identity import toy_arcface
+
+        return toy_arcface(self.analysers(), images, seed=self.cfg.seed)
+
+    def records_dir(self, split: str) -> Path:
+        """``data/records/base`` (the base model's) or ``data/records/adapter`` (stages a / b / c)."""
+        return self.stage_dir("records") / split
+
     def _stage_records(self) -> dict:
+        from facecrafter_jax.data.records import EMOTION_CLASSES
+
+        from .identity import leakage
+        from .landmarks import EXPRESSION_PARAMS
         from .vae_training import encode_dataset
         from .world import write_records
 
-        tr = self.data("train")
         vae = self._load_vae()
-        moments = encode_dataset(vae, tr["images"], batch_size=256)
         d = self.stage_dir("records")
         tmp = d.with_name(d.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        n = write_records(tmp, [str(s) for s in tr["image_id"]], tr, moments,
-                          resolution=self.world.config.resolution, shard_size=1000,
-                          metadata={"source": "toy world", "world": self.world.config.to_dict()})
+        counts = {}
+        for split in ("base", "adapter"):
+            data = self.data(split)
+            moments = encode_dataset(vae, data["images"], batch_size=256)
+            feats = {k: data[k] for k in ("landmarks", "head_pose", "emotion")}
+            feats["arcface"] = self.arcface(data["images"])
+            counts[split] = write_records(tmp / split, [str(s) for s in data["image_id"]], feats, moments,
+                                          resolution=self.world.config.resolution, shard_size=1000,
+                                          identities=data["identity"],
+                                          metadata={"source": "toy world", "split": self.split_of(split),
+                                                    "world": self.world.config.to_dict()})
         shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)
-        return {"records": n, "latent_shape": list(moments.shape[1:])}
+        te = self.data("test")
+        leak = leakage(self.arcface(te["images"]), head_pose=te["head_pose"], expression=te["expression"],
+                       emotion=te["emotion_class"], identity=te["identity"], expression_names=EXPRESSION_PARAMS,
+                       num_classes=len(EMOTION_CLASSES), seed=self.cfg.seed)
+        self.log("[toy] toy ArcFace leakage on fresh full-range renders: " + ", ".join(
+            f"{k} {leak[k]:.3f}" for k in ("r2_yaw", "r2_pitch", "r2_expression", "emotion_acc")))
+        return {"records": counts, "latent_shape": list(moments.shape[1:]), "arcface_leakage": leak}
 
     def train_config(self, stage: str, *, run_dir: Path | None = None, extra: tuple[str, ...] = ()):
         """The resolved :class:`~facecrafter_jax.train.config.TrainConfig` of a training stage."""
         spec: StageSpec = getattr(self.cfg.stages, stage)
         out = self.out
-        overrides = [f"run_dir={run_dir or self.stage_dir(stage)}", f"data.dir={self.stage_dir('records')}",
+        records = self.records_dir("base" if stage == "base" else "adapter")
+        overrides = [f"run_dir={run_dir or self.stage_dir(stage)}", f"data.dir={records}",
                      f"steps={spec.steps}"]
         if stage == "base":
             overrides.append(f"model.vae={json.dumps(self._load_vae().config.to_dict())}")
@@ -344,6 +434,12 @@ class ToyPipeline:
         from .report import evaluate_pipeline
 
         return evaluate_pipeline(self)
+
+
+def _split_stats(data: dict[str, np.ndarray]) -> dict[str, float]:
+    from .splits import split_statistics
+
+    return split_statistics(data["identity"], data["head_pose"], data["emotion_class"])
 
 
 # ---------------------------------------------------------------------------------------------- CLI

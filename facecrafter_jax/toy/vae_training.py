@@ -57,6 +57,9 @@ class VAETrainConfig:
     decay to ``lr * end_lr_ratio``; loss weights ``l1_weight``, ``mse_weight``, ``grad_weight`` (image-gradient
     L1) and ``kl_weight`` (see the module docstring); ``zero_init_residual`` zeroes each ResNet block's last
     conv and ``logvar_init`` sets the initial posterior log-variance (both speed up the short training).
+    ``decoder_noise`` > 0: the decoder's input gets Gaussian noise of std ``u * std(latent means)``, ``u ~ U(0,
+    decoder_noise)`` per image, so it learns to decode the slightly-off latents a diffusion sampler produces to
+    clean images instead of amplifying their error into texture (0 = off).
     ``stats_images``: size of the seeded subset of the training images on which ``scaling_factor`` and the
     reconstruction PSNR are measured. ``seed``: weights, minibatch order, crops, posterior noise and the
     statistics subset.
@@ -78,6 +81,7 @@ class VAETrainConfig:
     mse_weight: float = 1.0
     grad_weight: float = 0.0
     kl_weight: float = 1e-6
+    decoder_noise: float = 0.0
     zero_init_residual: bool = True
     logvar_init: float = -6.0
     crop_size: int = 32
@@ -99,7 +103,8 @@ class VAETrainConfig:
             raise ValueError(f"warmup must be a non-negative int, got {self.warmup!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        for name in ("l1_weight", "mse_weight", "grad_weight", "kl_weight", "weight_decay", "end_lr_ratio", "grad_clip"):
+        for name in ("l1_weight", "mse_weight", "grad_weight", "kl_weight", "weight_decay", "end_lr_ratio", "grad_clip",
+                     "decoder_noise"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.l1_weight == 0 and self.mse_weight == 0:
@@ -257,6 +262,10 @@ def _losses(vae: AutoencoderKL, cfg: VAETrainConfig, x: jax.Array, key: jax.Arra
     lc = cfg.latent_channels
     mean, logvar = moments[..., :lc], jnp.clip(moments[..., lc:], -30.0, 20.0)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
+    if cfg.decoder_noise > 0:  # the decoder also learns to map slightly-off latents (a sampler's) to clean images
+        k_level, k_aug = jax.random.split(jax.random.fold_in(key, 1))
+        level = cfg.decoder_noise * jax.random.uniform(k_level, (z.shape[0], 1, 1, 1))
+        z = z + level * jax.lax.stop_gradient(jnp.std(mean)) * jax.random.normal(k_aug, z.shape, jnp.float32)
     rec = vae.decode(z * vae.config.scaling_factor)
     d = rec - x
     l1, mse = jnp.mean(jnp.abs(d)), jnp.mean(d ** 2)

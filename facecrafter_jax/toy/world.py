@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -455,8 +456,13 @@ class ToyWorld:
 
 def write_records(out_dir: str | os.PathLike, image_ids, features: Mapping[str, np.ndarray], latent_moments,
                   *, resolution: int = 64, shard_size: int = 1000, latent_dtype: str = "float16",
-                  metadata: Mapping[str, Any] | None = None) -> int:
+                  metadata: Mapping[str, Any] | None = None, identities=None) -> int:
     """Writes one record per sample with :class:`~facecrafter_jax.data.records.RecordWriter`.
+
+    ``identities`` (optional, one int per sample): the world identity of each sample, stored as
+    ``identities.tsv`` (label ``id0007`` for identity 7; :mod:`facecrafter_jax.data.identities`), so that
+    ``data.other_photo_identity`` can draw the identity from another render of the same person. Labels of
+    records already in the folder are kept.
 
     ``features`` holds ``arcface``, ``landmarks``, ``head_pose``, ``emotion`` (as from
     :meth:`ToyWorld.features`), ``latent_moments`` is [N, S, S, 8] (VAE mean then logvar; S = R / 8 for the SD
@@ -475,10 +481,21 @@ def write_records(out_dir: str | os.PathLike, image_ids, features: Mapping[str, 
             raise ValueError(f"features lack field {k!r}")
         if np.shape(features[k])[0] != n:
             raise ValueError(f"features[{k!r}] has {np.shape(features[k])[0]} rows, image_ids {n}")
+    if identities is not None and len(identities) != n:
+        raise ValueError(f"identities has {len(identities)} entries, image_ids {n}")
     with RecordWriter(out_dir, resolution, shard_size, latent_dtype=latent_dtype, metadata=metadata,
                       latent_side=lat.shape[1]) as w:
         for i in range(n):
             w.write({"image_id": ids[i], "arcface": features["arcface"][i], "landmarks": features["landmarks"][i],
                      "head_pose": features["head_pose"][i], "emotion": features["emotion"][i],
                      "latent_moments": lat[i]})
+    if identities is not None:
+        from ..data.identities import IDENTITIES_FILE, write_identity_labels
+
+        labels: dict[str, str] = {}
+        old = Path(out_dir) / IDENTITIES_FILE
+        if old.is_file():
+            labels.update(line.split("\t", 1) for line in old.read_text(encoding="utf-8").splitlines() if line)
+        labels.update((image_id, f"id{int(k):04d}") for image_id, k in zip(ids, identities))
+        write_identity_labels(out_dir, labels)
     return n

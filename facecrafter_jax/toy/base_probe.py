@@ -1,0 +1,123 @@
+"""A fast probe of the toy base model: ``python -m facecrafter_jax.toy base-probe NAME [train overrides] [--ev k=v]``.
+
+Needs a toy pipeline that has finished its ``records`` stage (``python train.py --until records``). Trains the base
+stage (``configs/toy/base.yaml`` plus the given train.py overrides, e.g. ``steps=3000 optim.lr=1e-3``) on that
+pipeline's base records into ``<out>/probes/NAME/``, exports it, samples it ID-only on ``--identities`` x
+``--per-identity`` conditions of the report's experiment (:func:`~.measure.make_conditions`) and prints one JSON
+line with the metrics (value, standard error) of the samples and of fresh base-split renders of the same
+identities (the reference row), the training wall / CPU seconds and the load average; the line is appended to
+``<out>/probes/log.jsonl`` and a grid (per identity: its reference, then its samples) is written to
+``<out>/probes/NAME/grid.png``. A finished probe is not retrained (``--ev`` changes only the sampling: guidance,
+steps). docs/results.md lists the probes behind the pipeline's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["run_base_probe", "main"]
+
+KEYS = ("id_top1", "id_cos", "fd", "pose_div_deg", "expr_div", "emotion_entropy", "pose_copy", "yaw_copy_slope",
+        "expr_copy", "emotion_copy")
+
+
+def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_identity: int = 4,
+                   evaluation: dict | None = None, export_ema: bool = True) -> dict:
+    """Train (unless done) and measure one base-model variant of pipeline ``p`` (see the module docstring)."""
+    from facecrafter_jax import metrics as M
+
+    from . import measure as MS
+    from facecrafter_jax.image_grid import image_grid, save_png
+    from .report import load_pipeline
+    from .splits import sample_split
+
+    root = Path(p.out) / "probes" / name
+    root.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = {}
+    model = root / ("model" if export_ema else "model_raw")
+    if not (root / "model").is_dir():
+        result = p.train_stage("base", run_dir=root / "run", export_to=root / "model", extra=tuple(overrides))
+    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+    if not model.is_dir():
+        from facecrafter_jax.train.export import export_run
+
+        export_run(root / "run", model, vae=p.stage_dir("vae"), prefer_ema=False)
+    ev = dataclasses.replace(p.cfg.evaluation, identities=identities, per_identity=per_identity,
+                             **{k: type(getattr(p.cfg.evaluation, k))(v) for k, v in (evaluation or {}).items()})
+    an = p.analysers()
+    cond = MS.make_conditions(p.world, p.arcface, ev.identities, ev.per_identity, ev.seed)
+    test, test_base = p.data("test"), p.data("test_base")
+    ta = an.analyse(test["images"])
+    centres = np.zeros((p.world.config.num_identities, ta["embedding"].shape[1]))
+    for k in np.unique(test["identity"]):
+        c = ta["embedding"][test["identity"] == k].mean(0)
+        centres[k] = c / np.linalg.norm(c)
+    ref = an.analyse(MS.reference_images(cond))
+    fd_ref = MS.features(an.analyse(test_base["images"]))
+    t1 = time.perf_counter()
+    images = MS.sample_set(load_pipeline(model, ev.scheduler), cond, (), ev)
+    sample_s = time.perf_counter() - t1
+    attrs = sample_split(p.world, p.split_of("base"), len(cond["identity"]), 3600 + ev.seed, p.celebrity,
+                         identity=cond["identity"])
+    rows = {}
+    for label, imgs in (("samples", images), ("real", p.world.render(attrs))):
+        m = MS.set_metrics(an.analyse(imgs), cond, ref_analysis=ref, id_centres=centres, fd_reference=fd_ref,
+                           bootstrap=ev.bootstrap, seed=ev.seed)
+        rows[label] = {k: m[k] for k in KEYS if k in m}
+    per = ev.per_identity
+    idk = np.arange(min(16, len(cond["identities"])))
+    cols = [cond["ref_images"][idk]] + [images[idk * per + j] for j in range(min(per, 4))]
+    grid = np.stack(cols, 1).reshape((-1,) + images.shape[1:])
+    tag = "".join(f"_{k}{v}" for k, v in (evaluation or {}).items()) + ("" if export_ema else "_raw")
+    save_png(image_grid(np.repeat(np.repeat(grid, 2, 1), 2, 2), 2 * len(cols)), root / f"grid{tag}.png")
+    row = {"name": name, "overrides": list(overrides), "evaluation": evaluation or {}, "ema": export_ema,
+           "train_s": train_s, "train_cpu_s": train_cpu, "sample_s": sample_s, "load_average": os.getloadavg()[0],
+           "final_diffusion_loss": result.get("final_diffusion_loss"), **rows["samples"], "real": rows["real"],
+           "fd_real_vs_reference": float(M.frechet_distance(MS.features(an.analyse(p.world.render(attrs))),
+                                                            fd_ref))}
+    with open(Path(p.out) / "probes" / "log.jsonl", "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+    return row
+
+
+def main(argv=None) -> int:
+    from facecrafter_jax.train.config import ConfigError
+
+    from .pipeline import DEFAULT_CONFIG, ToyPipeline, load_pipeline_config
+
+    ap = argparse.ArgumentParser(prog="python -m facecrafter_jax.toy base-probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", help="probe name (folder under <out>/probes)")
+    ap.add_argument("overrides", nargs="*", help="train.py overrides of the base stage, e.g. steps=3000")
+    ap.add_argument("--toy-config", default=DEFAULT_CONFIG)
+    ap.add_argument("--pipeline", action="append", default=[], metavar="KEY=VALUE",
+                    help="pipeline overrides (e.g. out=runs/toy2); repeatable")
+    ap.add_argument("--ev", action="append", default=[], metavar="KEY=VALUE",
+                    help="evaluation overrides for sampling (guidance_id, num_steps, ...); repeatable")
+    ap.add_argument("--identities", type=int, default=32)
+    ap.add_argument("--per-identity", type=int, default=4)
+    ap.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA copy")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_pipeline_config(args.toy_config, args.pipeline)
+        p = ToyPipeline(cfg)
+        if p.done("records") is None:
+            raise FileNotFoundError(f"{cfg.out}: the toy pipeline has not finished stage 'records'; run "
+                                    f"`python train.py --until records out={cfg.out}` first")
+        row = run_base_probe(p, args.name, args.overrides, identities=args.identities,
+                             per_identity=args.per_identity, evaluation=dict(kv.split("=", 1) for kv in args.ev),
+                             export_ema=not args.no_ema)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(row, default=float))
+    return 0
