@@ -20,7 +20,7 @@ import time
 from typing import Callable, Sequence
 
 __all__ = ["rss_bytes", "malloc_trim", "PeakRSS", "time_call", "interleaved_timings", "markdown_table", "mb",
-           "available_bytes", "median", "CLOCKS", "load_average", "pin_to_one_cpu", "run_pinned_child"]
+           "available_bytes", "median", "CLOCKS", "load_average", "pin_to_one_cpu", "prepare_process", "run_pinned_child"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -141,6 +141,17 @@ def pin_to_one_cpu() -> int:
     os.sched_setaffinity(0, {cpu})
     os.environ["OMP_NUM_THREADS"] = "1"
     return cpu
+
+
+def prepare_process(argv: Sequence[str]) -> None:
+    """What every bench does before JAX / PyTorch start their thread pools: pin to one CPU when ``--pin`` is in
+    ``argv``, and make OpenMP's worker threads sleep at once after each parallel region (Intel OpenMP spins for
+    200 ms by default, stealing the cores from XLA's thread pool when two frameworks interleave in one process;
+    an explicit environment setting wins)."""
+    if "--pin" in argv:
+        pin_to_one_cpu()
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def run_pinned_child(script: str, argv: Sequence[str], json_path: str) -> list[dict]:

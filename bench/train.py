@@ -45,17 +45,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-if "--pin" in sys.argv:  # before JAX / PyTorch create their thread pools
-    from _common import pin_to_one_cpu
+from _common import PeakRSS, load_average, markdown_table, mb, prepare_process, run_pinned_child  # noqa: E402
 
-    pin_to_one_cpu()
-# Interleaving two frameworks in one process: OpenMP worker threads that spin after each parallel region
-# (Intel OpenMP's default 200 ms block time) steal the cores from XLA's thread pool and vice versa. Make
-# them sleep at once (set before torch is imported; an explicit environment setting wins).
-os.environ.setdefault("KMP_BLOCKTIME", "0")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from _common import PeakRSS, load_average, markdown_table, mb, run_pinned_child  # noqa: E402
+prepare_process(sys.argv)  # before JAX / PyTorch start their thread pools
 
 CONFIGS = {
     # SD1.5's UNet structure at reduced width (the cross-attention width stays 768 = CLIP's).

@@ -46,13 +46,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "--pin" in sys.argv:  # before JAX / PyTorch create their thread pools
-    from _common import pin_to_one_cpu
+from _common import prepare_process  # noqa: E402
 
-    pin_to_one_cpu()
-# PyTorch's OpenMP threads must not spin between ops while XLA runs (and vice versa): passive waits.
-os.environ.setdefault("KMP_BLOCKTIME", "0")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+prepare_process(sys.argv)  # before JAX / PyTorch start their thread pools
 
 import numpy as np  # noqa: E402
 

@@ -67,10 +67,7 @@ class CelebritySplit:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "CelebritySplit":
         """From a mapping (YAML); unknown keys raise ``ValueError`` naming them."""
-        d = checked_config_dict(cls, d, "celebrity split")
-        if "emotion_weights" in d:
-            d["emotion_weights"] = tuple(d["emotion_weights"])
-        return cls(**d)
+        return cls(**checked_config_dict(cls, d, "celebrity split"))  # the engine coerces lists to the tuple fields
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -162,10 +162,7 @@ class WorldConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "WorldConfig":
         """Builds a config from a mapping (e.g. ``yaml.safe_load`` output); unknown keys are an error."""
-        d = checked_config_dict(cls, d, "toy world")
-        if "emotion_weights" in d:
-            d["emotion_weights"] = tuple(d["emotion_weights"])
-        return cls(**d)
+        return cls(**checked_config_dict(cls, d, "toy world"))  # the engine coerces lists to the tuple fields
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
