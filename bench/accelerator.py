@@ -300,11 +300,7 @@ def _import(unet_t, clip_t, vae_t, dtype):
     unet = UNet2DConditionModel.create_abstract(UNet2DConditionConfig.from_diffusers_config(dict(unet_t.config)),
                                                 dtype=dtype)
     load_torch_state(unet, sd(unet_t), unet_key_map(unet))
-    c = clip_t.config
-    ccfg = CLIPTextConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                          num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                          max_position_embeddings=c.max_position_embeddings, hidden_act=c.hidden_act,
-                          layer_norm_eps=c.layer_norm_eps)
+    ccfg = CLIPTextConfig.from_dict(clip_t.config.to_diff_dict())  # what save_pretrained writes
     clip = nnx.eval_shape(lambda: CLIPTextModel(ccfg, dtype=dtype, rngs=nnx.Rngs(0)))
     load_text_encoder_state(clip, sd(clip_t))
     vcfg = AutoencoderKLConfig.from_dict({k: v for k, v in dict(vae_t.config).items() if not k.startswith("_")})
