@@ -80,6 +80,14 @@ def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
     return np.array_split(np.random.default_rng([seed, 9]).permutation(n), k)
 
 
+def _ridge_fit(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    """Least-squares weights of ``y`` on ``[x, 1]`` with ridge ``ridge * N`` on the weights (not the bias)."""
+    a = _design(x)
+    reg = ridge * len(x) * np.eye(a.shape[1])
+    reg[-1, -1] = 0.0
+    return np.linalg.solve(a.T @ a + reg, a.T @ y)
+
+
 def cross_validated_r2(x: np.ndarray, y: np.ndarray, *, folds: int = 2, seed: int = 0, ridge: float = 1e-3) -> float:
     """Out-of-sample R^2 of a least-squares read-out (ridge ``ridge`` x N on the weights, for stability):
     predictions for each fold from a fit on the others, then ``1 - SS_res / SS_tot`` over all samples."""
@@ -87,11 +95,7 @@ def cross_validated_r2(x: np.ndarray, y: np.ndarray, *, folds: int = 2, seed: in
     pred = np.empty_like(y)
     for test in _folds(len(y), folds, seed):
         train = np.setdiff1d(np.arange(len(y)), test)
-        a = _design(x[train])
-        reg = ridge * len(train) * np.eye(a.shape[1])
-        reg[-1, -1] = 0.0
-        coef = np.linalg.solve(a.T @ a + reg, a.T @ y[train])
-        pred[test] = _design(x[test]) @ coef
+        pred[test] = _design(x[test]) @ _ridge_fit(x[train], y[train], ridge)
     ss_tot = np.sum((y - y.mean()) ** 2)
     return float(1.0 - np.sum((y - pred) ** 2) / ss_tot) if ss_tot > 0 else float("nan")
 
@@ -106,10 +110,7 @@ def linear_readout_accuracy(x: np.ndarray, labels: np.ndarray, num_classes: int,
     correct = 0
     for test in _folds(len(labels), folds, seed):
         train = np.setdiff1d(np.arange(len(labels)), test)
-        a = _design(x[train])
-        reg = ridge * len(train) * np.eye(a.shape[1])
-        reg[-1, -1] = 0.0
-        coef = np.linalg.solve(a.T @ a + reg, a.T @ onehot[train])
+        coef = _ridge_fit(x[train], onehot[train], ridge)
         correct += int(np.sum((_design(x[test]) @ coef).argmax(1) == labels[test]))
     return correct / len(labels)
 
