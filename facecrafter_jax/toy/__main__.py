@@ -13,9 +13,9 @@
     after ``python train.py --until records``: trains a variant of the base model on the pipeline's base records
     and measures its ID-only samples (:mod:`facecrafter_jax.toy.base_probe`; the probes of docs/results.md).
 
-``python -m facecrafter_jax.toy ablation [--variants joint,no_ad,ad_map_overlap,no_mixed] [--docs docs] [key=value ...]``
-    after ``python train.py`` (the toy pipeline): retrains stage c per variant and compares them
-    (:mod:`facecrafter_jax.toy.ablation`).
+``python -m facecrafter_jax.toy ablation [--config configs/toy/ablation.yaml] [--docs docs] [key=value ...]``
+    the study of the paper's claims: runs the toy pipeline up to stage b if needed, retrains stage c per variant
+    and seed, samples every cell and writes the claim table (:mod:`facecrafter_jax.toy.ablation`, docs/study.md).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     a.add_argument("--test", type=int, default=1000)
     a.add_argument("--steps", type=int, default=1500)
     a.add_argument("--seed", type=int, default=0)
-    sub.add_parser("ablation", help="stage-c ablation on a finished toy pipeline (see facecrafter_jax.toy.ablation)",
+    sub.add_parser("ablation", help="the multi-seed study of the paper's claims (see facecrafter_jax.toy.ablation)",
                    add_help=False)
     sub.add_parser("base-probe", help="train and measure a base-model variant (see facecrafter_jax.toy.base_probe)",
                    add_help=False)

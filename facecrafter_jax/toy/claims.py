@@ -16,6 +16,11 @@ Verdict of a claim "variant is better than reference on metric M" (``direction``
 ``z = direction * mean(d) / SE``; **yes** if ``z >= Z``, **no** if ``z <= -Z`` (the opposite, significantly),
 **inconclusive** otherwise, with ``Z = 2`` (about 95% two-sided under a normal approximation; with three seeds
 the between-seed SE is itself uncertain, so borderline verdicts deserve more seeds, and the table prints z).
+
+Verdict of a claim "variant is *similar* to reference on M" (``direction`` 0, an equivalence test with a
+``margin``): **yes** if the whole interval ``mean(d) +- Z * SE`` lies inside ``(-margin, margin)``, **no** if it
+lies wholly outside (``|mean(d)| - Z * SE >= margin``), **inconclusive** otherwise; ``z`` is then
+``(margin - |mean(d)|) / SE`` (>= Z for yes, <= -Z for no).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Estimate", "estimate", "paired_difference", "verdict", "Z_THRESHOLD", "ClaimRow", "claim_table"]
+__all__ = ["Estimate", "estimate", "paired_difference", "verdict", "equivalence", "Z_THRESHOLD", "ClaimRow",
+           "claim_table"]
 
 Z_THRESHOLD = 2.0
 
@@ -91,9 +97,24 @@ def verdict(diff: Estimate, direction: int, threshold: float = Z_THRESHOLD) -> t
     return "inconclusive", z
 
 
+def equivalence(diff: Estimate, margin: float, threshold: float = Z_THRESHOLD) -> tuple[str, float]:
+    """("yes" | "no" | "inconclusive", z) for the claim that the difference is within ``+-margin`` (see the module
+    docstring)."""
+    if not margin > 0:
+        raise ValueError(f"equivalence margin must be > 0, got {margin!r}")
+    gap = margin - abs(diff.mean)
+    z = gap / diff.se if diff.se > 0 else math.copysign(math.inf, gap)
+    if z >= threshold:
+        return "yes", z
+    if z <= -threshold:
+        return "no", z
+    return "inconclusive", z
+
+
 @dataclass
 class ClaimRow:
-    """One row of the claim table: the claim, the metric and the two sides compared."""
+    """One row of the claim table: the claim, the metric and the two sides compared. ``direction`` +1 / -1: the
+    variant is claimed higher / lower; 0: similar within ``margin`` (:func:`equivalence`)."""
 
     claim: str
     metric: str
@@ -106,16 +127,20 @@ class ClaimRow:
     result: str = ""
     z: float = 0.0
     note: str = ""
+    margin: float | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.direction == 0 and self.margin is None:
+            raise ValueError(f"claim {self.claim!r}: a similarity claim (direction 0) needs a margin")
         if not self.result:
-            self.result, self.z = verdict(self.diff, self.direction)
+            self.result, self.z = (equivalence(self.diff, self.margin) if self.direction == 0
+                                   else verdict(self.diff, self.direction))
 
     def to_dict(self) -> dict:
         return {"claim": self.claim, "metric": self.metric, "variant": self.variant, "reference": self.reference,
                 "value": self.value.to_dict(), "reference_value": self.reference_value.to_dict(),
-                "difference": self.diff.to_dict(), "direction": self.direction, "z": self.z,
+                "difference": self.diff.to_dict(), "direction": self.direction, "margin": self.margin, "z": self.z,
                 "reproduced": self.result, "note": self.note, **self.extra}
 
 
@@ -124,7 +149,7 @@ def claim_table(rows: Sequence[ClaimRow]) -> str:
     lines = ["| claim | metric | FaceCrafter (variant) | reference | difference ± SE | z | reproduced |",
              "|---|---|---|---|---|---:|---|"]
     for r in rows:
-        better = "↑" if r.direction > 0 else "↓"
+        better = "↑" if r.direction > 0 else "↓" if r.direction < 0 else f"≈ (±{r.margin:g})"
         lines.append(f"| {r.claim} | {r.metric} {better} | {r.value} ({r.variant}) | {r.reference_value} "
                      f"({r.reference}) | {r.diff.mean:+.4g} ± {r.diff.se:.2g} | {r.z:+.1f} | **{r.result}**"
                      + (f" ({r.note})" if r.note else "") + " |")

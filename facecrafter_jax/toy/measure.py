@@ -160,12 +160,14 @@ def _euclid(a, b):
 
 def set_metrics(a: Mapping[str, np.ndarray], cond: Conditions, *, ref_analysis: Mapping[str, np.ndarray],
                 id_centres: np.ndarray, fd_reference: np.ndarray | None = None, bootstrap: int = 100,
-                seed: int = 0) -> dict[str, tuple[float, float]]:
+                seed: int = 0, per_identity: dict | None = None) -> dict[str, tuple[float, float]]:
     """Every metric of the module docstring for one set (analysis ``a`` of one image per condition), as
     ``{name: (value, standard error)}``. ``ref_analysis``: the analysers' reading of the references followed by
     the decoys (``analyse(analysers, reference_images(cond))``);
     ``id_centres`` [I, E]: unit mean embedding per identity (fresh renders); ``fd_reference``: feature rows
-    (:func:`features`) of the FD reference set (None: no ``fd``)."""
+    (:func:`features`) of the FD reference set (None: no ``fd``). ``per_identity``: a dict that receives, for
+    every metric that is a mean over identities (:data:`MEAN_METRICS` and the three diversities), its K
+    per-identity values (what paired comparisons of two sets on the same conditions need)."""
     from .analysers import landmark_nme
 
     m = int(cond["per_identity"])
@@ -182,6 +184,8 @@ def set_metrics(a: Mapping[str, np.ndarray], cond: Conditions, *, ref_analysis: 
     }
     for name, v in per.items():
         out[name] = cluster_mean(v, group)
+        if per_identity is not None:
+            per_identity[name] = np.array([np.nanmean(v[group == g]) for g in range(k)])
     for j, name in enumerate(("valence", "arousal")):
         sq = (a["va"][:, j] - cond["emotion"][:, 8 + j]) ** 2
         out[f"{name}_rmse"] = (float(np.sqrt(sq.mean())),
@@ -191,13 +195,14 @@ def set_metrics(a: Mapping[str, np.ndarray], cond: Conditions, *, ref_analysis: 
     disp = expression_displacement(a["landmarks"], np.repeat(cond["neutral_frontal"], m, axis=0)) \
         if a["landmarks"].shape[-1] == 3 else None
     cls = a["emotion_probs"].argmax(-1)
-    pose_div = [_pairwise_mean(a["head_pose"][group == g], _geodesic) for g in range(k)]
-    out["pose_div_deg"] = cluster_mean(np.asarray(pose_div), np.arange(k))
+    div = {"pose_div_deg": np.asarray([_pairwise_mean(a["head_pose"][group == g], _geodesic) for g in range(k)])}
     if disp is not None:
-        out["expr_div"] = cluster_mean(np.asarray([_pairwise_mean(disp[group == g], _euclid) for g in range(k)]),
-                                       np.arange(k))
-    out["emotion_entropy"] = cluster_mean(np.asarray([M.class_entropy(cls[group == g]) for g in range(k)]),
-                                          np.arange(k))
+        div["expr_div"] = np.asarray([_pairwise_mean(disp[group == g], _euclid) for g in range(k)])
+    div["emotion_entropy"] = np.asarray([M.class_entropy(cls[group == g]) for g in range(k)])
+    for name, v in div.items():
+        out[name] = cluster_mean(v, np.arange(k))
+        if per_identity is not None:
+            per_identity[name] = v
     # copying of the reference: distance to the reference vs to the same identity's decoys
     nd = int(cond["decoys"])
     ref_pose, dec_pose = ref_analysis["head_pose"][:k], ref_analysis["head_pose"][k:]

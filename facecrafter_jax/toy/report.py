@@ -127,10 +127,11 @@ class EvaluationContext:
                                   p.celebrity, identity=self.cond["identity"])
         self.real_base_images = p.world.render(base_attrs)
 
-    def measure(self, images: np.ndarray) -> dict[str, float]:
+    def measure(self, images: np.ndarray, per_identity: dict | None = None) -> dict[str, float]:
         a = self.analysers.analyse(images)
         m = MS.set_metrics(a, self.cond, ref_analysis=self.ref_analysis, id_centres=self.centres,
-                           fd_reference=self.fd_full, bootstrap=self.ev.bootstrap, seed=self.ev.seed)
+                           fd_reference=self.fd_full, bootstrap=self.ev.bootstrap, seed=self.ev.seed,
+                           per_identity=per_identity)
         m["fd_full"] = m.pop("fd")
         f = MS.features(a)
         k, per = len(self.cond["identities"]), self.ev.per_identity
@@ -143,10 +144,6 @@ class EvaluationContext:
         for key, (v, se) in m.items():
             out[key], out[f"{key}_se"] = v, se
         return out
-
-    def analyse(self, images: np.ndarray) -> dict[str, float]:
-        """Alias of :meth:`measure` (the ablation's name)."""
-        return self.measure(images)
 
 
 def evaluation_context(p) -> EvaluationContext:
