@@ -39,3 +39,20 @@ def test_verdicts_follow_the_numbers():
     assert row.result == "yes" and row.z == pytest.approx(1 / math.sqrt(0.01 / 3))
     md = claim_table([row])
     assert "| c | m ↑ |" in md and "**yes**" in md and row.to_dict()["reproduced"] == "yes"
+
+
+def test_equivalence_verdicts_closed_form():
+    """'Similar within a margin': yes only when the whole +-2 SE interval is inside the margin."""
+    from facecrafter_jax.toy.claims import Estimate, equivalence
+
+    assert equivalence(Estimate(0.01, 0.01, (0.01,)), 0.05) == ("yes", pytest.approx(4.0))  # [-0.01, 0.03] inside
+    assert equivalence(Estimate(-0.02, 0.02, (0.0,)), 0.05)[0] == "inconclusive"  # reaches -0.06: not inside
+    assert equivalence(Estimate(-0.2, 0.05, (0.0,)), 0.05) == ("no", pytest.approx(-3.0))  # wholly outside
+    assert equivalence(Estimate(0.0, 0.0, (0.0,)), 0.05)[0] == "yes"
+    with pytest.raises(ValueError, match="margin"):
+        equivalence(Estimate(0.0, 0.1, (0.0,)), 0.0)
+    with pytest.raises(ValueError, match="needs a margin"):
+        ClaimRow("c", "m", "v", "r", estimate([1, 2]), estimate([1, 2]), paired_difference([1, 2], [1, 2]), 0)
+    row = ClaimRow("c", "m", "v", "r", estimate([1, 2]), estimate([1, 2]),
+                   paired_difference([0.51, 0.5], [0.5, 0.5], within_se=[0.001, 0.001]), 0, margin=0.05)
+    assert row.result == "yes" and "≈ (±0.05)" in claim_table([row])

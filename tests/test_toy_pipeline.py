@@ -23,17 +23,26 @@ def _cfg(out, *extra):
     return load_pipeline_config(str(REPO / "configs" / "toy" / "pipeline.yaml"), [f"out={out}", *TINY, *extra])
 
 
-def test_toy_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)  # stage configs are repository paths
-    out = tmp_path / "toy"
-    logs = []
-    p = ToyPipeline(_cfg(out), log=logs.append)
-    p.run(until="records")
-    assert [n for n in STAGE_NAMES if p.done(n)] == ["render", "analysers", "vae", "records"]
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny pipeline, run in two goes (until records, then the rest): (out, done stages after the first go,
+    log of the second go, results of the second go). Shared by the pipeline test and the study test."""
+    out = tmp_path_factory.mktemp("tiny") / "toy"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)  # stage configs are repository paths
+        p = ToyPipeline(_cfg(out), log=lambda line: None)
+        p.run(until="records")
+        first = [n for n in STAGE_NAMES if p.done(n)]
+        logs = []
+        results = ToyPipeline(_cfg(out), log=logs.append).run()  # a new process would do the same: continue
+    return out, first, logs, results
 
-    logs.clear()
-    p = ToyPipeline(_cfg(out), log=logs.append)  # a new process would do the same: continue after records
-    results = p.run()
+
+def test_toy_pipeline_end_to_end_and_resume(tiny_run, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out, first, logs, results = tiny_run
+    assert first == ["render", "analysers", "vae", "records"]
+    p = ToyPipeline(_cfg(out), log=logs.append)
     assert all(p.done(n) for n in STAGE_NAMES)
     assert sum("skipped" in line for line in logs) == 4
 
@@ -91,6 +100,73 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     assert row["final_diffusion_loss"] is None  # not retrained
     assert json.loads((out / "probes" / "log.jsonl").read_text().splitlines()[-1])["name"] == "own"
     assert (out / "probes" / "own" / "grid.png").stat().st_size > 1000
+
+
+def test_study_on_the_tiny_pipeline(tiny_run, monkeypatch):
+    """`python -m facecrafter_jax.toy ablation` at a tiny size: every cell, resumable per variant and seed, the
+    claim table's numbers recomputed from the stored cells, verdicts that follow from them, plots."""
+    from facecrafter_jax.toy import ablation as A
+    from facecrafter_jax.toy.claims import Z_THRESHOLD
+
+    monkeypatch.chdir(REPO)
+    out = tiny_run[0]
+    study = ["seeds=2", "variants=[joint,no_ad]"]
+    logs = []
+    cfg = A.load_ablation_config(str(REPO / "configs/toy/ablation.yaml"), study)
+    res = A.run_study(ToyPipeline(_cfg(out), log=logs.append), cfg, docs=str(out / "docs"))
+    root = out / "ablation"
+    models = ["real", "base", "stage_a", "stage_b", "joint", "no_ad"]
+    for s in (0, 1):
+        for m in models:
+            assert (root / "cells" / f"seed{s}" / f"{m}.json").is_file(), (s, m)
+    assert sum("training stage c" in line for line in logs) == 4
+    cells = {s: {m: json.loads((root / "cells" / f"seed{s}" / f"{m}.json").read_text()) for m in models} for s in (0, 1)}
+    for m in ("joint", "no_ad"):
+        assert set(cells[0][m]["sets"]) == {"ID-only", "ID+LMK", "ID+EMO", "ID+LMK+EMO"}
+    e = cells[1]["joint"]["sets"]["ID+LMK+EMO"]
+    for k in ("id_top1", "emotion_acc", "pose_mae_deg", "pose_div_deg", "expr_div", "emotion_entropy"):
+        assert np.mean(e["per_identity"][k]) == pytest.approx(e["metrics"][k]), k  # 3 identities of 2 samples
+        assert len(e["per_identity"][k]) == 3
+    # a claim row recomputed from the cells by hand: paired per seed, SE = max(between, within) over seeds
+    row = next(r for r in res["claims"] if r["claim"] == "2. AD raises ID-only expression diversity")
+    a = [cells[s]["joint"]["sets"]["ID-only"] for s in (0, 1)]
+    b = [cells[s]["no_ad"]["sets"]["ID-only"] for s in (0, 1)]
+    d = np.array([x["metrics"]["expr_div"] - y["metrics"]["expr_div"] for x, y in zip(a, b)])
+    w = [np.std(np.subtract(x["per_identity"]["expr_div"], y["per_identity"]["expr_div"]), ddof=1) / np.sqrt(3)
+         for x, y in zip(a, b)]
+    se = np.sqrt(max(d.var(ddof=1) / 2, np.mean(np.square(w)) / 2))
+    assert row["difference"]["mean"] == pytest.approx(d.mean()) and row["difference"]["se"] == pytest.approx(se)
+    for r in res["claims"]:
+        z, diff = r["z"], r["difference"]
+        if r["direction"] and diff["se"] > 0:
+            assert z == pytest.approx(r["direction"] * diff["mean"] / diff["se"])
+        want = "yes" if z >= Z_THRESHOLD else "no" if z <= -Z_THRESHOLD else "inconclusive"
+        assert r["reproduced"] == want, r["claim"]
+    md = (root / "results.md").read_text()
+    assert "| claim | metric | FaceCrafter (variant)" in md and "## AD setting" in md
+    assert "2. AD raises ID-only expression diversity" in md and "no_ad" in md
+    for name in ("diversity", "controls", "ad_tradeoff"):
+        assert (root / f"ablation_{name}.png").stat().st_size > 1000
+        assert (out / "docs" / "images" / f"ablation_{name}.png").is_file()
+    assert not any(p.is_dir() for p in (root / "joint" / "seed0" / "run").iterdir())  # checkpoints dropped
+    assert (root / "joint" / "seed0" / "model" / "adapters").is_dir()
+
+    # resumable: a lost cell is measured again, nothing retrained; the tables are the same numbers
+    (root / "cells" / "seed1" / "no_ad.json").unlink()
+    logs.clear()
+    res2 = A.run_study(ToyPipeline(_cfg(out), log=logs.append), cfg)
+    assert not any("training stage c" in line for line in logs)
+    assert sum("seed 1 no_ad: trained earlier" in line for line in logs) == 1
+    assert sum("ID-only pose div" in line for line in logs) == 1  # only the lost cell was sampled again
+    assert [r["difference"]["mean"] for r in res2["claims"]] == pytest.approx([r["difference"]["mean"]
+                                                                              for r in res["claims"]])
+
+    # errors name what is wrong
+    with pytest.raises(ValueError, match="nope"):
+        A.run_study(ToyPipeline(_cfg(out)), A.load_ablation_config(str(REPO / "configs/toy/ablation.yaml"),
+                                                                     ["variants=[joint,nope]"]))
+    assert A.main(["--config", str(REPO / "configs/toy/ablation.yaml"), "seeds=0"]) == 2
+    assert A.main(["--config", str(REPO / "configs/toy/ablation.yaml"), "seedz=2"]) == 2
 
 
 def test_pipeline_config_errors(tmp_path):

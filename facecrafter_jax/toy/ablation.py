@@ -229,6 +229,8 @@ class Study:
                 _write(self.cell_path(s, "real"), {"sets": {"targets": _measure(ctx, ctx.cond["images"]),
                                                            "base split": _measure(ctx, ctx.real_base_images)}})
             for model, (stage, set_label) in REFERENCES.items():
+                if self.cell_path(s, model).is_file():
+                    continue
                 cell = self.measure_model(ctx, s, model, Path(p.out) / EXPORTS[stage],
                                           [x for x in SETS if x[0] == set_label], "null_tokens")
                 m = cell["sets"][set_label]["metrics"]
@@ -236,12 +238,15 @@ class Study:
                       f"{m['pose_div_deg']:.1f}, pose MAE {m['pose_mae_deg']:.1f}, emotion acc {m['emotion_acc']:.3f}")
             for name, var in self.variants.items():
                 i = todo.index((s, name)) + 1
-                if not self.cell_path(s, name).is_file():
+                if self.cell_path(s, name).is_file():
+                    continue
+                trained = (self.variant_dir(name, s) / "done.json").is_file()
+                if not trained:
                     p.log(f"[ablation {i}/{len(todo)}] seed {s} {name}: training stage c "
                           f"({' '.join(var.overrides) or 'configured'}) ...")
-                    info = self.train_variant(name, s)
-                    p.log(f"[ablation {i}/{len(todo)}] seed {s} {name}: trained in {info['seconds']:.0f} s; sampling "
-                          f"{len(SETS)} sets ...")
+                info = self.train_variant(name, s)
+                p.log(f"[ablation {i}/{len(todo)}] seed {s} {name}: trained {'earlier' if trained else 'in'} "
+                      f"{info['seconds']:.0f} s; sampling {len(SETS)} sets ...")
                 cell = self.measure_model(ctx, s, name, self.variant_dir(name, s) / "model", SETS, var.absent)
                 io, ctl = cell["sets"]["ID-only"]["metrics"], cell["sets"]["ID+LMK+EMO"]["metrics"]
                 p.log(f"[ablation {i}/{len(todo)}] seed {s} {name}: ID-only pose div {io['pose_div_deg']:.1f}, expr div "
