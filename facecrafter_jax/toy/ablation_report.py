@@ -254,7 +254,8 @@ def write_results(root: Path, data: dict, *, docs: str | None = None, log: Calla
         md.append("")
     md += ["## Time", "", f"Training {seconds['training'] / 60:.1f} min, sampling and measuring {seconds['cells'] / 60:.1f} "
            "min (summed over the cells as recorded when each was made)"
-           + (f"; this run {data['run_seconds'] / 60:.1f} min wall." if data.get("run_seconds") else "."), "",
+           + (f"; the last run of the command {data['run_seconds'] / 60:.1f} min wall (finished cells are not redone)."
+              if (data.get("run_seconds") or 0) > 60 else "."), "",
            "![diversity](ablation_diversity.png)", "", "![controls](ablation_controls.png)", "",
            "![AD trade-off](ablation_ad_tradeoff.png)", ""]
     (root / "results.md").write_text("\n".join(md))
@@ -325,24 +326,24 @@ def plot_controls(cells: Cells, path: Path) -> None:
 
 
 def plot_ad_tradeoff(cells: Cells, variants: dict, path: Path) -> None:
-    """FD (ID-only, against full-range renders) vs ID-only expression and pose diversity for every AD weight of the
-    configured reading (0 = no_ad), mean ± SE over seeds."""
+    """The AD weight sweep of the configured reading: per weight, the paired change against ``no_ad`` (weight 0)
+    of ID-only expression diversity, pose diversity and FD (against full-range renders), ± SE over seeds."""
     plt = _plt()
     reading = next(v["ad"]["reading"] for v in variants.values() if v["group"] == "joint")
     pts = sorted((v["ad"]["weight"], k) for k, v in variants.items()
                  if v["group"] in ("joint", "ad") and v["ad"].get("reading") == reading)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for ax, (metric, label) in zip(axes, (("expr_div", "ID-only expression diversity"),
-                                          ("pose_div_deg", "ID-only pose diversity (deg)"))):
-        xs = [cells.value(k, "ID-only", "fd_full") for _, k in pts]
-        ys = [cells.value(k, "ID-only", metric) for _, k in pts]
-        ax.errorbar([x.mean for x in xs], [y.mean for y in ys], xerr=[x.se for x in xs], yerr=[y.se for y in ys],
-                    fmt="o-", capsize=3)
-        for (w, _), x, y in zip(pts, xs, ys):
-            ax.annotate(f"w={w:g}", (x.mean, y.mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set_xlabel("FD to full-range renders (lower is better)")
-        ax.set_ylabel(label)
-        ax.set_title(f"AD weight trade-off ({reading})", fontsize=9)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    x = np.arange(len(pts))
+    for ax, (metric, label) in zip(axes, (("expr_div", "Δ ID-only expression diversity"),
+                                          ("pose_div_deg", "Δ ID-only pose diversity (deg)"),
+                                          ("fd_full", "Δ ID-only FD (lower is better)"))):
+        if cells.has("no_ad", "ID-only"):
+            d = [cells.difference((k, "ID-only"), ("no_ad", "ID-only"), metric) for _, k in pts]
+            ax.errorbar(x, [e.mean for e in d], yerr=[e.se for e in d], fmt="o-", capsize=4)
+        ax.axhline(0.0, color="grey", lw=1, ls=":")
+        ax.set_xticks(x, [f"{w:g}" for w, _ in pts])
+        ax.set_xlabel(f"AD weight ({reading})")
+        ax.set_title(label + " vs no AD", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
