@@ -115,3 +115,25 @@ def test_lr_schedule_closed_form():
     assert [float(const(s)) for s in (0, 2, 4, 50)] == pytest.approx([0.0, 1.0, 2.0, 2.0])
     with pytest.raises(ValueError, match="optim.schedule"):
         make_lr_schedule(OptimConfig(schedule="linear"), 10)
+
+
+def test_asyncio_echoes_of_a_failed_save_are_dropped_and_nothing_else():
+    """After a failed save asyncio may log each unretrieved orbax write future with a traceback when it is
+    collected (seen in CI: a second traceback beside the one error line); only those echoes are dropped."""
+    import logging
+
+    from facecrafter_jax.train.checkpoint import _QuietAsyncioEchoes
+
+    f = _QuietAsyncioEchoes()
+
+    def record(msg, exc=None):
+        return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, msg, None,
+                                 (type(exc), exc, None) if exc else None)
+
+    err = ValueError('OUT_OF_RANGE: Error writing "opt_state" in OCDBT database: Failed to write 1109389 bytes to '
+                     'file 8: File too large [os_error_code=\'27\']')
+    assert not f.filter(record("_GatheringFuture exception was never retrieved", err))
+    assert not f.filter(record("Future exception was never retrieved\nfuture: <Future exception=OSError("
+                               "'No space left on device')>"))
+    assert f.filter(record("_GatheringFuture exception was never retrieved", ValueError("a real bug")))
+    assert f.filter(record("Task was destroyed but it is pending! (File too large)"))

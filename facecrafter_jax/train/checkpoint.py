@@ -99,6 +99,20 @@ class _QuietOrbaxThreads(logging.Filter):
 _QUIET = _QuietOrbaxThreads()
 
 
+class _QuietAsyncioEchoes(logging.Filter):
+    """After a failed save, asyncio may also report orbax's unretrieved write futures ("... exception was never
+    retrieved", with a traceback each) when they are garbage-collected; the failure itself is reported once as a
+    :class:`CheckpointSaveError`. Drop exactly these echoes (a write failure with an OS reason); keep the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        text = record.getMessage() + (f" {exc}" if exc is not None else "")
+        return not ("never retrieved" in text and any(r in text for r in _OS_REASONS))
+
+
+_QUIET_ASYNCIO = _QuietAsyncioEchoes()
+
+
 def _is_closed_loop_noise(exc: BaseException | None) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
@@ -196,6 +210,9 @@ class Checkpointer:
         absl_logger = logging.getLogger("absl")
         if _QUIET not in absl_logger.filters:
             absl_logger.addFilter(_QUIET)
+        asyncio_logger = logging.getLogger("asyncio")
+        if _QUIET_ASYNCIO not in asyncio_logger.filters:
+            asyncio_logger.addFilter(_QUIET_ASYNCIO)
         _install_closed_loop_filter()
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
