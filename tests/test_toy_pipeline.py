@@ -110,27 +110,26 @@ def test_study_on_the_tiny_pipeline(tiny_run, monkeypatch):
 
     monkeypatch.chdir(REPO)
     out = tiny_run[0]
-    study = ["seeds=2", "variants=[joint,no_ad]"]
+    study = ["seeds=2", "variants=[joint]"]  # the AD comparisons' arithmetic: tests/test_toy_ablation.py
     logs = []
     cfg = A.load_ablation_config(str(REPO / "configs/toy/ablation.yaml"), study)
     res = A.run_study(ToyPipeline(_cfg(out), log=logs.append), cfg, docs=str(out / "docs"))
     root = out / "ablation"
-    models = ["real", "base", "stage_a", "stage_b", "joint", "no_ad"]
+    models = ["real", "base", "stage_a", "stage_b", "joint"]
     for s in (0, 1):
         for m in models:
             assert (root / "cells" / f"seed{s}" / f"{m}.json").is_file(), (s, m)
-    assert sum("training stage c" in line for line in logs) == 4
+    assert sum("training stage c" in line for line in logs) == 2
     cells = {s: {m: json.loads((root / "cells" / f"seed{s}" / f"{m}.json").read_text()) for m in models} for s in (0, 1)}
-    for m in ("joint", "no_ad"):
-        assert set(cells[0][m]["sets"]) == {"ID-only", "ID+LMK", "ID+EMO", "ID+LMK+EMO"}
+    assert set(cells[0]["joint"]["sets"]) == {"ID-only", "ID+LMK", "ID+EMO", "ID+LMK+EMO"}
     e = cells[1]["joint"]["sets"]["ID+LMK+EMO"]
     for k in ("id_top1", "emotion_acc", "pose_mae_deg", "pose_div_deg", "expr_div", "emotion_entropy"):
         assert np.mean(e["per_identity"][k]) == pytest.approx(e["metrics"][k]), k  # 3 identities of 2 samples
         assert len(e["per_identity"][k]) == 3
     # a claim row recomputed from the cells by hand: paired per seed, SE = max(between, within) over seeds
-    row = next(r for r in res["claims"] if r["claim"] == "2. AD raises ID-only expression diversity")
+    row = next(r for r in res["claims"] if r["claim"] == "1. ID-only: more diverse expressions than Arc2Face")
     a = [cells[s]["joint"]["sets"]["ID-only"] for s in (0, 1)]
-    b = [cells[s]["no_ad"]["sets"]["ID-only"] for s in (0, 1)]
+    b = [cells[s]["base"]["sets"]["ID-only"] for s in (0, 1)]
     d = np.array([x["metrics"]["expr_div"] - y["metrics"]["expr_div"] for x, y in zip(a, b)])
     w = [np.std(np.subtract(x["per_identity"]["expr_div"], y["per_identity"]["expr_div"]), ddof=1) / np.sqrt(3)
          for x, y in zip(a, b)]
@@ -143,8 +142,8 @@ def test_study_on_the_tiny_pipeline(tiny_run, monkeypatch):
         want = "yes" if z >= Z_THRESHOLD else "no" if z <= -Z_THRESHOLD else "inconclusive"
         assert r["reproduced"] == want, r["claim"]
     md = (root / "results.md").read_text()
-    assert "| claim | metric | FaceCrafter (variant)" in md and "## AD setting" in md
-    assert "2. AD raises ID-only expression diversity" in md and "no_ad" in md
+    assert "| claim | metric | FaceCrafter (variant)" in md and "## Controls" in md
+    assert "1. ID-only: more diverse expressions than Arc2Face" in md and "5. better emotion control" in md
     for name in ("diversity", "controls", "ad_tradeoff"):
         assert (root / f"ablation_{name}.png").stat().st_size > 1000
         assert (out / "docs" / "images" / f"ablation_{name}.png").is_file()
@@ -152,11 +151,11 @@ def test_study_on_the_tiny_pipeline(tiny_run, monkeypatch):
     assert (root / "joint" / "seed0" / "model" / "adapters").is_dir()
 
     # resumable: a lost cell is measured again, nothing retrained; the tables are the same numbers
-    (root / "cells" / "seed1" / "no_ad.json").unlink()
+    (root / "cells" / "seed1" / "joint.json").unlink()
     logs.clear()
     res2 = A.run_study(ToyPipeline(_cfg(out), log=logs.append), cfg)
     assert not any("training stage c" in line for line in logs)
-    assert sum("seed 1 no_ad: trained earlier" in line for line in logs) == 1
+    assert sum("seed 1 joint: trained earlier" in line for line in logs) == 1
     assert sum("ID-only pose div" in line for line in logs) == 1  # only the lost cell was sampled again
     assert [r["difference"]["mean"] for r in res2["claims"]] == pytest.approx([r["difference"]["mean"]
                                                                               for r in res["claims"]])
