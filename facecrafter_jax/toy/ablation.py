@@ -185,10 +185,8 @@ class Study:
         t0, c0 = time.perf_counter(), time.process_time()
         overrides = tuple(self.variants[name].overrides) + _seed_overrides(self.joint_config, s)
         result = self.p.train_stage("joint", run_dir=d / "run", export_to=d / "model", extra=overrides)
-        if not self.cfg.keep_checkpoints:
-            for ck in (d / "run").iterdir():
-                if ck.is_dir():
-                    shutil.rmtree(ck)
+        if not self.cfg.keep_checkpoints:  # the export holds the weights; the run keeps its config and metrics log
+            shutil.rmtree(d / "run" / "checkpoints", ignore_errors=True)
         done = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                 "overrides": list(overrides), "result": result}
         _write(d / "done.json", done)
