@@ -189,6 +189,7 @@ def test_gpu_profile_is_the_cpu_pipeline_at_ten_times():
         assert g.config == c.config and g.steps == 10 * c.steps, name
     assert gpu.base_images == 10 * cpu.base_images and gpu.adapter_images == 10 * cpu.adapter_images
     assert gpu.analysers["steps"] == 10 * cpu.analysers["steps"] and gpu.vae["steps"] == 10 * cpu.vae["steps"]
+    assert {k: v for k, v in gpu.vae.items() if k != "steps"} == {k: v for k, v in cpu.vae.items() if k != "steps"}
     assert {k: v for k, v in gpu.analysers.items() if k != "steps"} == {k: v for k, v in cpu.analysers.items()
                                                                          if k != "steps"}
     ev_c, ev_g = cpu.evaluation, gpu.evaluation
