@@ -102,6 +102,44 @@ def test_toy_pipeline_end_to_end_and_resume(tiny_run, monkeypatch):
     assert (out / "probes" / "own" / "grid.png").stat().st_size > 1000
 
 
+def test_vae_probe_on_the_tiny_pipeline(tiny_run, monkeypatch):
+    """`python -m facecrafter_jax.toy vae-probe`: the pipeline's own VAE measured on the base-split renders of the
+    conditioning identities (PSNR against NumPy on the same renders, FD ratio = FD(reconstructions) / FD(real));
+    a trained variant carries its overrides, is saved and not retrained; bad keys are errors naming them."""
+    from facecrafter_jax.pretrained import load_pretrained
+    from facecrafter_jax.toy import measure as MS
+    from facecrafter_jax.toy.splits import sample_split
+    from facecrafter_jax.toy.vae_probe import main as probe_main, run_vae_probe
+    from facecrafter_jax.toy.vae_training import reconstruct
+
+    monkeypatch.chdir(REPO)
+    out = tiny_run[0]
+    p = ToyPipeline(_cfg(out), log=lambda line: None)
+    own = run_vae_probe(p, "own", identities=3, per_identity=2)
+    ev = p.cfg.evaluation
+    cond = MS.make_conditions(p.world, p.arcface, 3, 2, ev.seed)
+    real = p.world.render(sample_split(p.world, p.split_of("base"), 6, 3600 + ev.seed, p.celebrity,
+                                       identity=cond["identity"]))
+    recon = reconstruct(load_pretrained(str(out / "vae"), components=("vae",)).vae, real)
+    mse = np.mean((real.astype(np.float64) - recon.astype(np.float64)) ** 2)
+    assert own["psnr"] == pytest.approx(10 * np.log10(255.0 ** 2 / mse), rel=1e-9)
+    assert own["samples"] == 6 and own["config"]["steps"] == 4 and own["train_s"] == 0.0
+    assert own["fd_ratio"] == pytest.approx(own["recon"]["fd"] / own["real"]["fd"])
+    assert 0.0 <= own["recon"]["id_top1"][0] <= 1.0 and np.isfinite(own["recon"]["fd"])
+
+    row = run_vae_probe(p, "short", ["steps=2", "decoder_noise=0.25"], identities=3, per_identity=2)
+    assert row["config"]["steps"] == 2 and row["config"]["decoder_noise"] == 0.25 and row["train_s"] > 0
+    assert (out / "probes" / "vae_short" / "vae").is_dir()
+    assert (out / "probes" / "vae_short" / "reconstructions.png").stat().st_size > 500
+    again = run_vae_probe(p, "short", ["steps=2", "decoder_noise=0.25"], identities=3, per_identity=2)
+    assert again["train_s"] == 0.0 and again["psnr"] == row["psnr"]  # loaded, not retrained
+    lines = (out / "probes" / "vae_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["name"] for x in lines[-3:]] == ["own", "short", "short"]
+    with pytest.raises(ConfigError, match="stepz"):
+        run_vae_probe(p, "bad", ["stepz=3"])
+    assert probe_main(["bad", "stepz=3", "--pipeline", f"out={out}", *[f"--pipeline={t}" for t in TINY]]) == 2
+
+
 def test_study_on_the_tiny_pipeline(tiny_run, monkeypatch):
     """`python -m facecrafter_jax.toy ablation` at a tiny size: every cell, resumable per variant and seed, the
     claim table's numbers recomputed from the stored cells, verdicts that follow from them, plots."""

@@ -13,6 +13,11 @@
     after ``python train.py --until records``: trains a variant of the base model on the pipeline's base records
     and measures its ID-only samples (:mod:`facecrafter_jax.toy.base_probe`; the probes of docs/results.md).
 
+``python -m facecrafter_jax.toy vae-probe NAME [VAE key=value ...] [--pipeline out=runs/toy]``
+    after ``python train.py --until analysers``: trains a VAE variant (or, with no overrides, takes the pipeline's
+    VAE) and measures its reconstructions of real renders: PSNR, identity top-1, FD ratio, the ceiling of the base
+    model's samples (:mod:`facecrafter_jax.toy.vae_probe`; the VAE table of docs/toy_world.md).
+
 ``python -m facecrafter_jax.toy ablation [--config configs/toy/ablation.yaml] [--docs docs] [key=value ...]``
     the study of the paper's claims: runs the toy pipeline up to stage b if needed, retrains stage c per variant
     and seed, samples every cell and writes the claim table (:mod:`facecrafter_jax.toy.ablation`, docs/study.md).
@@ -102,6 +107,8 @@ def main(argv=None) -> None:
                    add_help=False)
     sub.add_parser("base-probe", help="train and measure a base-model variant (see facecrafter_jax.toy.base_probe)",
                    add_help=False)
+    sub.add_parser("vae-probe", help="train and measure a VAE variant (see facecrafter_jax.toy.vae_probe)",
+                   add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "ablation":
         from .ablation import main as ablation_main
@@ -111,6 +118,10 @@ def main(argv=None) -> None:
         from .base_probe import main as probe_main
 
         sys.exit(probe_main(argv[1:]))
+    if argv and argv[0] == "vae-probe":
+        from .vae_probe import main as vae_probe_main
+
+        sys.exit(vae_probe_main(argv[1:]))
     args = p.parse_args(argv)
     {"sheets": _sheets, "analysers": _analysers}[args.cmd](args)
 
