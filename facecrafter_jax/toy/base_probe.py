@@ -23,10 +23,65 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run_base_probe", "main"]
+__all__ = ["ProbeContext", "probe_context", "probe_parser", "run_base_probe", "main"]
 
 KEYS = ("id_top1", "id_cos", "fd", "pose_div_deg", "expr_div", "emotion_entropy", "pose_copy", "yaw_copy_slope",
         "expr_copy", "emotion_copy")
+
+
+@dataclasses.dataclass
+class ProbeContext:
+    """What every probe measures against, for ``identities`` x ``per_identity`` conditions of the report's
+    experiment: the analysers ``an``, the conditions ``cond`` (:func:`~.measure.make_conditions`), the unit mean
+    embedding per identity of the fresh test renders ``centres``, the analysis of the references and decoys
+    ``ref``, the FD reference features of the fresh base-split renders ``fd_ref``, and ``real``: base-split
+    (celebrity) renders of the conditions' identities, one per condition (the probes' "real" row)."""
+
+    an: object
+    cond: dict
+    centres: np.ndarray
+    ref: dict
+    fd_ref: np.ndarray
+    real: np.ndarray
+
+    def metrics(self, images, *, bootstrap: int, seed: int, fd: bool = True) -> dict:
+        """:func:`~.measure.set_metrics` of one image per condition."""
+        from . import measure as MS
+
+        return MS.set_metrics(self.an.analyse(images), self.cond, ref_analysis=self.ref, id_centres=self.centres,
+                              fd_reference=self.fd_ref if fd else None, bootstrap=bootstrap, seed=seed)
+
+
+def probe_context(p, identities: int, per_identity: int, seed: int) -> ProbeContext:
+    """The :class:`ProbeContext` of pipeline ``p`` (its analysers, world and test renders; evaluation ``seed``)."""
+    from . import measure as MS
+    from .splits import sample_split
+
+    an = p.analysers()
+    cond = MS.make_conditions(p.world, p.arcface, identities, per_identity, seed)
+    test = p.data("test")
+    ta = an.analyse(test["images"])
+    centres = np.zeros((p.world.config.num_identities, ta["embedding"].shape[1]))
+    for k in np.unique(test["identity"]):
+        c = ta["embedding"][test["identity"] == k].mean(0)
+        centres[k] = c / np.linalg.norm(c)
+    attrs = sample_split(p.world, p.split_of("base"), len(cond["identity"]), 3600 + seed, p.celebrity,
+                         identity=cond["identity"])
+    return ProbeContext(an=an, cond=cond, centres=centres, ref=an.analyse(MS.reference_images(cond)),
+                        fd_ref=MS.features(an.analyse(p.data("test_base")["images"])), real=p.world.render(attrs))
+
+
+def probe_parser(prog: str, doc: str, name_help: str, overrides_help: str) -> argparse.ArgumentParser:
+    """The probes' shared command line: NAME, overrides, ``--toy-config``, ``--pipeline`` (repeatable)."""
+    from .pipeline import DEFAULT_CONFIG
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", help=name_help)
+    ap.add_argument("overrides", nargs="*", help=overrides_help)
+    ap.add_argument("--toy-config", default=DEFAULT_CONFIG)
+    ap.add_argument("--pipeline", action="append", default=[], metavar="KEY=VALUE",
+                    help="pipeline overrides (e.g. out=runs/toy2); repeatable")
+    return ap
 
 
 def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_identity: int = 4,
@@ -37,7 +92,6 @@ def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_iden
     from . import measure as MS
     from facecrafter_jax.image_grid import image_grid, save_png
     from .report import load_pipeline
-    from .splits import sample_split
 
     root = Path(p.out) / "probes" / name
     root.mkdir(parents=True, exist_ok=True)
@@ -53,25 +107,14 @@ def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_iden
         export_run(root / "run", model, vae=p.stage_dir("vae"), prefer_ema=False)
     ev = dataclasses.replace(p.cfg.evaluation, identities=identities, per_identity=per_identity,
                              **{k: type(getattr(p.cfg.evaluation, k))(v) for k, v in (evaluation or {}).items()})
-    an = p.analysers()
-    cond = MS.make_conditions(p.world, p.arcface, ev.identities, ev.per_identity, ev.seed)
-    test, test_base = p.data("test"), p.data("test_base")
-    ta = an.analyse(test["images"])
-    centres = np.zeros((p.world.config.num_identities, ta["embedding"].shape[1]))
-    for k in np.unique(test["identity"]):
-        c = ta["embedding"][test["identity"] == k].mean(0)
-        centres[k] = c / np.linalg.norm(c)
-    ref = an.analyse(MS.reference_images(cond))
-    fd_ref = MS.features(an.analyse(test_base["images"]))
+    ctx = probe_context(p, ev.identities, ev.per_identity, ev.seed)
+    cond = ctx.cond
     t1 = time.perf_counter()
     images = MS.sample_set(load_pipeline(model, ev.scheduler), cond, (), ev)
     sample_s = time.perf_counter() - t1
-    attrs = sample_split(p.world, p.split_of("base"), len(cond["identity"]), 3600 + ev.seed, p.celebrity,
-                         identity=cond["identity"])
     rows = {}
-    for label, imgs in (("samples", images), ("real", p.world.render(attrs))):
-        m = MS.set_metrics(an.analyse(imgs), cond, ref_analysis=ref, id_centres=centres, fd_reference=fd_ref,
-                           bootstrap=ev.bootstrap, seed=ev.seed)
+    for label, imgs in (("samples", images), ("real", ctx.real)):
+        m = ctx.metrics(imgs, bootstrap=ev.bootstrap, seed=ev.seed)
         rows[label] = {k: m[k] for k in KEYS if k in m}
     per = ev.per_identity
     idk = np.arange(min(16, len(cond["identities"])))
@@ -82,8 +125,7 @@ def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_iden
     row = {"name": name, "overrides": list(overrides), "evaluation": evaluation or {}, "ema": export_ema,
            "train_s": train_s, "train_cpu_s": train_cpu, "sample_s": sample_s, "load_average": os.getloadavg()[0],
            "final_diffusion_loss": result.get("final_diffusion_loss"), **rows["samples"], "real": rows["real"],
-           "fd_real_vs_reference": float(M.frechet_distance(MS.features(an.analyse(p.world.render(attrs))),
-                                                            fd_ref))}
+           "fd_real_vs_reference": float(M.frechet_distance(MS.features(ctx.an.analyse(ctx.real)), ctx.fd_ref))}
     with open(Path(p.out) / "probes" / "log.jsonl", "a") as f:
         f.write(json.dumps(row, default=float) + "\n")
     return row
@@ -92,15 +134,10 @@ def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_iden
 def main(argv=None) -> int:
     from facecrafter_jax.train.config import ConfigError
 
-    from .pipeline import DEFAULT_CONFIG, ToyPipeline, load_pipeline_config
+    from .pipeline import ToyPipeline, load_pipeline_config
 
-    ap = argparse.ArgumentParser(prog="python -m facecrafter_jax.toy base-probe", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", help="probe name (folder under <out>/probes)")
-    ap.add_argument("overrides", nargs="*", help="train.py overrides of the base stage, e.g. steps=3000")
-    ap.add_argument("--toy-config", default=DEFAULT_CONFIG)
-    ap.add_argument("--pipeline", action="append", default=[], metavar="KEY=VALUE",
-                    help="pipeline overrides (e.g. out=runs/toy2); repeatable")
+    ap = probe_parser("python -m facecrafter_jax.toy base-probe", __doc__, "probe name (folder under <out>/probes)",
+                      "train.py overrides of the base stage, e.g. steps=3000")
     ap.add_argument("--ev", action="append", default=[], metavar="KEY=VALUE",
                     help="evaluation overrides for sampling (guidance_id, num_steps, ...); repeatable")
     ap.add_argument("--identities", type=int, default=32)

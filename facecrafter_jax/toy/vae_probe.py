@@ -17,7 +17,6 @@ appended to ``<out>/probes/vae_log.jsonl``; ``<out>/probes/vae_NAME/reconstructi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -49,7 +48,7 @@ def run_vae_probe(p, name: str, overrides=(), *, identities: int = 32, per_ident
     from facecrafter_jax.pretrained import load_pretrained, save_pretrained
 
     from . import measure as MS
-    from .splits import sample_split
+    from .base_probe import probe_context
     from .vae_training import VAETrainConfig, psnr, reconstruct, train_vae
 
     if p.done("analysers") is None:
@@ -75,27 +74,15 @@ def run_vae_probe(p, name: str, overrides=(), *, identities: int = 32, per_ident
         source, config = p.stage_dir("vae"), p.done("vae")["result"]["config"]
     vae = load_pretrained(str(source), components=("vae",)).vae
 
-    an = p.analysers()
-    ev = p.cfg.evaluation
-    cond = MS.make_conditions(p.world, p.arcface, identities, per_identity, ev.seed)
-    test = p.data("test")
-    ta = an.analyse(test["images"])
-    centres = np.zeros((p.world.config.num_identities, ta["embedding"].shape[1]))
-    for k in np.unique(test["identity"]):
-        c = ta["embedding"][test["identity"] == k].mean(0)
-        centres[k] = c / np.linalg.norm(c)
-    ref = an.analyse(MS.reference_images(cond))
-    fd_ref = MS.features(an.analyse(p.data("test_base")["images"]))
-    attrs = sample_split(p.world, p.split_of("base"), len(cond["identity"]), 3600 + ev.seed, p.celebrity,
-                         identity=cond["identity"])
-    real = p.world.render(attrs)
+    ctx = probe_context(p, identities, per_identity, p.cfg.evaluation.seed)
+    real = ctx.real
     recon = reconstruct(vae, real)
     row = {"name": name, "overrides": list(overrides), "vae": str(source), "config": config,
            "train_s": train_s, "load_average": os.getloadavg()[0], "samples": len(real), "psnr": psnr(real, recon)}
     for label, imgs in (("real", real), ("recon", recon)):
-        a = an.analyse(imgs)
-        m = MS.set_metrics(a, cond, ref_analysis=ref, id_centres=centres, fd_reference=None, bootstrap=0)
-        row[label] = {"id_top1": m["id_top1"], "fd": float(M.frechet_distance(MS.features(a), fd_ref))}
+        m = ctx.metrics(imgs, bootstrap=0, seed=0, fd=False)
+        fd = M.frechet_distance(MS.features(ctx.an.analyse(imgs)), ctx.fd_ref)
+        row[label] = {"id_top1": m["id_top1"], "fd": float(fd)}
     row["fd_ratio"] = row["recon"]["fd"] / max(row["real"]["fd"], 1e-12)
     root.mkdir(parents=True, exist_ok=True)
     k = min(16, len(real))
@@ -109,16 +96,11 @@ def run_vae_probe(p, name: str, overrides=(), *, identities: int = 32, per_ident
 def main(argv=None) -> int:
     from facecrafter_jax.train.config import ConfigError
 
-    from .pipeline import DEFAULT_CONFIG, ToyPipeline, load_pipeline_config
+    from .base_probe import probe_parser
+    from .pipeline import ToyPipeline, load_pipeline_config
 
-    ap = argparse.ArgumentParser(prog="python -m facecrafter_jax.toy vae-probe", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", help="probe name (folder <out>/probes/vae_NAME)")
-    ap.add_argument("overrides", nargs="*", help="VAETrainConfig overrides, e.g. steps=5000 decoder_noise=0.25 "
-                                                 "(none: measure the pipeline's own VAE)")
-    ap.add_argument("--toy-config", default=DEFAULT_CONFIG)
-    ap.add_argument("--pipeline", action="append", default=[], metavar="KEY=VALUE",
-                    help="pipeline overrides (e.g. out=runs/toy2); repeatable")
+    ap = probe_parser("python -m facecrafter_jax.toy vae-probe", __doc__, "probe name (folder <out>/probes/vae_NAME)",
+                      "VAETrainConfig overrides, e.g. steps=5000 decoder_noise=0.25 (none: measure the pipeline's own VAE)")
     ap.add_argument("--identities", type=int, default=32)
     ap.add_argument("--per-identity", type=int, default=8)
     args = ap.parse_args(argv)
