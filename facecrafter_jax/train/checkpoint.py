@@ -113,6 +113,20 @@ class _QuietAsyncioEchoes(logging.Filter):
 _QUIET_ASYNCIO = _QuietAsyncioEchoes()
 
 
+class _QuietItemMetadataWarning(logging.Filter):
+    """Reading one item of a checkpoint (``<step>/state``) directly makes orbax warn on the ``absl`` logger that
+    the item folder has no ``_CHECKPOINT_METADATA``: that file sits one level up, in the step folder, where the
+    checkpoint manager wrote it. Drop exactly that warning for ``step_dir``; keep everything else."""
+
+    def __init__(self, step_dir: str | os.PathLike):
+        super().__init__()
+        self.step_dir = str(step_dir)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Metadata file does not exist") and self.step_dir in msg)
+
+
 def _is_closed_loop_noise(exc: BaseException | None) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
@@ -397,6 +411,9 @@ def load_trained_params(path: str | os.PathLike, *, prefer_ema: bool = True) -> 
     step_dir = find_step_dir(path)
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ck:
         config = ck.restore(step_dir / "config")
+    quiet = _QuietItemMetadataWarning(step_dir)
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(quiet)
     try:
         with ocp.StandardCheckpointer() as ck:
             tree = ck.metadata(step_dir / "state").item_metadata.tree
@@ -406,5 +423,7 @@ def load_trained_params(path: str | os.PathLike, *, prefer_ema: bool = True) -> 
             state = ck.restore(step_dir / "state", abstract)
     except Exception as e:  # noqa: BLE001
         raise CheckpointCorruptError(f"cannot read trained parameters from {step_dir}: {type(e).__name__}: {e}") from e
+    finally:
+        absl_logger.removeFilter(quiet)
     want = "ema" if prefer_ema and state.get("ema") else "params"
     return {k: np.asarray(v) for k, v in state[want].items()}, dict(config)
