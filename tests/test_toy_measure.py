@@ -1,14 +1,14 @@
 """Toy evaluation metrics (facecrafter_jax/toy/measure.py) against exact cases: the pose-normalised expression
 displacement is zero for a neutral face in any pose and the same for one expression in two poses; the copy
 ratios are 0 for samples equal to their references and ~1 for independent ones; clustered standard errors
-against a hand computation."""
+against a hand computation; the FD split by feature group against the closed form of a mean shift."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 
-from facecrafter_jax.toy.measure import cluster_bootstrap, cluster_mean, expression_displacement, set_metrics
+from facecrafter_jax.toy.measure import cluster_bootstrap, cluster_mean, expression_displacement, fd_parts, set_metrics
 from facecrafter_jax.toy.world import ToyWorld, WorldConfig
 
 
@@ -90,3 +90,23 @@ def test_copy_ratios_zero_for_copies_and_about_one_for_independent_samples():
     half = _analysis(0.5 * own + 0.5 * np.repeat(ref_pose, m, 0), indep["emotion_probs"], identity, lm)
     out = set_metrics(half, cond, ref_analysis=ref, id_centres=centres)
     assert out["pose_copy"][0] < 0.75 and abs(out["yaw_copy_slope"][0] - 0.5) < 3 * out["yaw_copy_slope"][1] + 0.05
+
+
+def test_fd_parts_of_a_mean_shift_is_the_squared_shift_in_its_group():
+    """Shifting the emotion columns of a feature set by a constant leaves every covariance equal, so the FD is
+    exactly |shift|^2, all of it in the emotion group; identity and pose read 0."""
+    rng = np.random.default_rng(0)
+    k = 6                                           # identities: 6 cosines + 8 emotion probs + 2 va + 3 pose
+    ref = rng.standard_normal((500, k + 13)) @ rng.standard_normal((k + 13, k + 13)) * 0.1
+    shift = np.zeros(k + 13)
+    shift[k:k + 10] = rng.uniform(-0.3, 0.3, 10)
+    parts = fd_parts(ref + shift, ref)
+    want = float(shift @ shift)
+    assert parts["emotion"] == pytest.approx(want, rel=1e-6)
+    assert parts["all"] == pytest.approx(want, rel=1e-6)
+    assert abs(parts["identity"]) < 1e-9 and abs(parts["pose"]) < 1e-9
+    pose_shift = np.zeros(k + 13)
+    pose_shift[-3:] = [0.1, -0.2, 0.3]
+    assert fd_parts(ref + pose_shift, ref)["pose"] == pytest.approx(0.14, rel=1e-6)
+    with pytest.raises(ValueError, match="fd_parts"):
+        fd_parts(ref[:, :-1], ref)

@@ -100,6 +100,28 @@ def test_toy_pipeline_end_to_end_and_resume(tiny_run, monkeypatch):
     assert row["final_diffusion_loss"] is None  # not retrained
     assert json.loads((out / "probes" / "log.jsonl").read_text().splitlines()[-1])["name"] == "own"
     assert (out / "probes" / "own" / "grid.png").stat().st_size > 1000
+    assert set(row["fd_parts"]) == {"all", "identity", "emotion", "pose"}
+    assert row["fd_parts"]["all"] == pytest.approx(row["fd"][0], rel=1e-6)
+
+    # --reference celebrity: the same targets, each identity conditioned on a celebrity-split photo instead
+    from facecrafter_jax.toy.base_probe import probe_context
+    from facecrafter_jax.toy.splits import sample_split
+
+    p = ToyPipeline(_cfg(out), log=logs.append)
+    seed = p.cfg.evaluation.seed
+    full, celeb = probe_context(p, 3, 2, seed), probe_context(p, 3, 2, seed, "celebrity")
+    ids = np.asarray(full.cond["identities"])
+    ref = p.world.render(sample_split(p.world, p.split_of("base"), len(ids), 3800 + seed, p.celebrity, identity=ids))
+    np.testing.assert_array_equal(celeb.cond["ref_images"], ref)
+    np.testing.assert_allclose(celeb.cond["arcface"], np.repeat(p.arcface(ref), 2, axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(celeb.cond["images"], full.cond["images"])
+    assert not np.allclose(celeb.cond["arcface"], full.cond["arcface"])
+    assert len(celeb.cond["decoy_images"]) == len(full.cond["decoy_images"])
+    row = run_base_probe(p, "own", identities=3, per_identity=2, reference="celebrity")
+    assert row["reference"] == "celebrity" and np.isfinite(row["fd_parts"]["all"])
+    assert (out / "probes" / "own" / "grid_celebrity.png").is_file()
+    with pytest.raises(ValueError, match="reference"):
+        probe_context(p, 3, 2, seed, "photo")
 
 
 def test_vae_probe_on_the_tiny_pipeline(tiny_run, monkeypatch):

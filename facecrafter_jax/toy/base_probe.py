@@ -5,7 +5,10 @@ stage (``configs/toy/base.yaml`` plus the given train.py overrides, e.g. ``steps
 pipeline's base records into ``<out>/probes/NAME/``, exports it, samples it ID-only on ``--identities`` x
 ``--per-identity`` conditions of the report's experiment (:func:`~.measure.make_conditions`) and prints one JSON
 line with the metrics (value, standard error) of the samples and of fresh base-split renders of the same
-identities (the reference row), the training wall / CPU seconds and the load average; the line is appended to
+identities (the reference row), with the FD per feature group (``fd_parts``: identity, emotion, pose;
+:func:`~.measure.fd_parts`), the training wall / CPU seconds and the load average; ``--reference celebrity``
+conditions each identity on a celebrity-split photo instead of a full-range one (the base's in-distribution use:
+its FD then holds the image quality without the full-range photo's leaked pose and expression); the line is appended to
 ``<out>/probes/log.jsonl`` and a grid (per identity: its reference, then its samples) is written to
 ``<out>/probes/NAME/grid.png``. A finished probe is not retrained (``--ev`` changes only the sampling: guidance,
 steps). docs/results.md lists the probes behind the pipeline's defaults.
@@ -52,13 +55,26 @@ class ProbeContext:
                               fd_reference=self.fd_ref if fd else None, bootstrap=bootstrap, seed=seed)
 
 
-def probe_context(p, identities: int, per_identity: int, seed: int) -> ProbeContext:
-    """The :class:`ProbeContext` of pipeline ``p`` (its analysers, world and test renders; evaluation ``seed``)."""
+REFERENCES = ("full", "celebrity")
+
+
+def probe_context(p, identities: int, per_identity: int, seed: int, reference: str = "full") -> ProbeContext:
+    """The :class:`ProbeContext` of pipeline ``p`` (its analysers, world and test renders; evaluation ``seed``).
+    ``reference``: ``full`` conditions each identity on one full-range photo (the report's experiment: the
+    Arc2Face failure shows as copying of it); ``celebrity`` on one photo of the base (celebrity) split, the base
+    model's in-distribution use, with celebrity decoys (seeds ``3800 + seed``, ``3900 + seed``)."""
     from . import measure as MS
     from .splits import sample_split
 
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {list(REFERENCES)}, got {reference!r}")
     an = p.analysers()
     cond = MS.make_conditions(p.world, p.arcface, identities, per_identity, seed)
+    if reference == "celebrity":
+        ids = np.asarray(cond["identities"])
+        draw = lambda n, s, who: sample_split(p.world, p.split_of("base"), n, s, p.celebrity, identity=who)  # noqa: E731
+        cond = MS.with_references(cond, p.world, p.arcface, draw(len(ids), 3800 + seed, ids),
+                                  draw(len(ids) * cond["decoys"], 3900 + seed, np.repeat(ids, cond["decoys"])))
     test = p.data("test")
     ta = an.analyse(test["images"])
     centres = np.zeros((p.world.config.num_identities, ta["embedding"].shape[1]))
@@ -85,7 +101,7 @@ def probe_parser(prog: str, doc: str, name_help: str, overrides_help: str) -> ar
 
 
 def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_identity: int = 4,
-                   evaluation: dict | None = None, export_ema: bool = True) -> dict:
+                   evaluation: dict | None = None, export_ema: bool = True, reference: str = "full") -> dict:
     """Train (unless done) and measure one base-model variant of pipeline ``p`` (see the module docstring)."""
     from facecrafter_jax import metrics as M
 
@@ -107,7 +123,7 @@ def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_iden
         export_run(root / "run", model, vae=p.stage_dir("vae"), prefer_ema=False)
     ev = dataclasses.replace(p.cfg.evaluation, identities=identities, per_identity=per_identity,
                              **{k: type(getattr(p.cfg.evaluation, k))(v) for k, v in (evaluation or {}).items()})
-    ctx = probe_context(p, ev.identities, ev.per_identity, ev.seed)
+    ctx = probe_context(p, ev.identities, ev.per_identity, ev.seed, reference)
     cond = ctx.cond
     t1 = time.perf_counter()
     images = MS.sample_set(load_pipeline(model, ev.scheduler), cond, (), ev)
@@ -116,13 +132,16 @@ def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_iden
     for label, imgs in (("samples", images), ("real", ctx.real)):
         m = ctx.metrics(imgs, bootstrap=ev.bootstrap, seed=ev.seed)
         rows[label] = {k: m[k] for k in KEYS if k in m}
+        rows[label]["fd_parts"] = MS.fd_parts(MS.features(ctx.an.analyse(imgs)), ctx.fd_ref)
     per = ev.per_identity
     idk = np.arange(min(16, len(cond["identities"])))
     cols = [cond["ref_images"][idk]] + [images[idk * per + j] for j in range(min(per, 4))]
     grid = np.stack(cols, 1).reshape((-1,) + images.shape[1:])
-    tag = "".join(f"_{k}{v}" for k, v in (evaluation or {}).items()) + ("" if export_ema else "_raw")
+    tag = ("".join(f"_{k}{v}" for k, v in (evaluation or {}).items()) + ("" if export_ema else "_raw")
+           + ("" if reference == "full" else f"_{reference}"))
     save_png(image_grid(np.repeat(np.repeat(grid, 2, 1), 2, 2), 2 * len(cols)), root / f"grid{tag}.png")
     row = {"name": name, "overrides": list(overrides), "evaluation": evaluation or {}, "ema": export_ema,
+           "reference": reference,
            "train_s": train_s, "train_cpu_s": train_cpu, "sample_s": sample_s, "load_average": os.getloadavg()[0],
            "final_diffusion_loss": result.get("final_diffusion_loss"), **rows["samples"], "real": rows["real"],
            "fd_real_vs_reference": float(M.frechet_distance(MS.features(ctx.an.analyse(ctx.real)), ctx.fd_ref))}
@@ -143,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--identities", type=int, default=32)
     ap.add_argument("--per-identity", type=int, default=4)
     ap.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA copy")
+    ap.add_argument("--reference", choices=REFERENCES, default="full",
+                    help="the photo each identity is conditioned on: full range (the report's experiment) or a "
+                         "celebrity-split photo (the base model's in-distribution use)")
     args = ap.parse_args(argv)
     try:
         cfg = load_pipeline_config(args.toy_config, args.pipeline)
@@ -152,7 +174,7 @@ def main(argv=None) -> int:
                                     f"`python train.py --until records out={cfg.out}` first")
         row = run_base_probe(p, args.name, args.overrides, identities=args.identities,
                              per_identity=args.per_identity, evaluation=dict(kv.split("=", 1) for kv in args.ev),
-                             export_ema=not args.no_ema)
+                             export_ema=not args.no_ema, reference=args.reference)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ import numpy as np
 from facecrafter_jax import metrics as M
 
 __all__ = ["Conditions", "make_conditions", "reference_images", "analyse", "expression_displacement", "set_metrics", "sample_set",
-           "features", "cluster_mean", "cluster_bootstrap", "MEAN_METRICS"]
+           "features", "fd_parts", "with_references", "cluster_mean", "cluster_bootstrap", "MEAN_METRICS"]
 
 MEAN_METRICS = ("id_top1", "id_cos", "pose_mae_deg", "landmark_nme", "emotion_acc")
 _RIGID = np.arange(468)  # the mesh points (irises excluded) used for pose normalisation
@@ -91,6 +91,26 @@ def make_conditions(world, arcface_fn: Callable[[np.ndarray], np.ndarray], ident
         neutral_frontal=world.features(frontal)["landmarks"], per_identity=m)
 
 
+def with_references(cond: Conditions, world, arcface_fn: Callable[[np.ndarray], np.ndarray], refs,
+                    decoys) -> Conditions:
+    """``cond`` conditioned on other reference photos: ``refs`` (attributes, one per identity of
+    ``cond["identities"]``) become the references (their toy ArcFace the identity condition of every sample of
+    that identity) and ``decoys`` (attributes, ``cond["decoys"]`` per identity, identity-major) the decoys; the
+    targets are unchanged. For example celebrity-split photos instead of full-range ones (``base-probe
+    --reference celebrity``): the base model's in-distribution use."""
+    ids = np.asarray(cond["identities"])
+    if not (np.array_equal(np.asarray(refs.identity), ids)
+            and np.array_equal(np.asarray(decoys.identity), np.repeat(ids, cond["decoys"]))):
+        raise ValueError("with_references: refs must hold one photo per identity of cond['identities'] and decoys "
+                         f"{cond['decoys']} per identity, identity-major")
+    ref_images = world.render(refs)
+    out = Conditions(cond)
+    out.update(arcface=np.repeat(np.asarray(arcface_fn(ref_images), np.float32), cond["per_identity"], axis=0),
+               ref_images=ref_images, ref_head_pose=np.asarray(refs.head_pose, np.float32),
+               ref_emotion_class=np.asarray(refs.emotion, np.int32), decoy_images=world.render(decoys))
+    return out
+
+
 def reference_images(cond: Conditions) -> np.ndarray:
     """The references [K] then the decoys [K * D]: what ``ref_analysis`` of :func:`set_metrics` reads."""
     return np.concatenate([cond["ref_images"], cond["decoy_images"]])
@@ -106,6 +126,19 @@ def features(a: Mapping[str, np.ndarray]) -> np.ndarray:
     centre (a compact identity-and-quality code; the 512-d embedding would be rank-deficient at 256 samples),
     emotion probabilities, valence / arousal, pose / 30 deg."""
     return np.concatenate([a["cosines"], a["emotion_probs"], a["va"], a["head_pose"] / 30.0], axis=1)
+
+
+def fd_parts(f: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """The FD of :func:`features` ``f`` to ``reference`` (both [N, 64 + 13] for 64 identities), whole and per
+    feature group: ``identity`` (the classifier's cosines), ``emotion`` (emotion probabilities and valence /
+    arousal), ``pose``. Where the FD of a set comes from; the parts do not add up to the whole (cross-group
+    covariances), they do when the groups are uncorrelated."""
+    f, reference = np.asarray(f), np.asarray(reference)
+    if f.ndim != 2 or reference.ndim != 2 or f.shape[1] != reference.shape[1] or f.shape[1] < 14:
+        raise ValueError(f"fd_parts needs [N, K + 13] features of equal width, got {f.shape} and {reference.shape}")
+    k = f.shape[1] - 13
+    groups = {"all": slice(0, None), "identity": slice(0, k), "emotion": slice(k, k + 10), "pose": slice(k + 10, None)}
+    return {g: float(M.frechet_distance(f[:, sl], reference[:, sl])) for g, sl in groups.items()}
 
 
 def expression_displacement(landmarks: np.ndarray, neutral_frontal: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ pipeline's ``vae`` stage and saves it to ``<out>/probes/vae_NAME/``; without ove
 pipeline's own VAE (``<out>/vae``, the stage must be done). It then reconstructs the celebrity (base-split)
 renders of the report's conditioning identities (``--identities`` x ``--per-identity``; the base probe's
 "real" row) and prints one JSON line: PSNR, and identity top-1 / FD against fresh base-split renders of the real
-renders and of their reconstructions, with ``fd_ratio`` = FD(reconstructions) / FD(real) (the quality target of
+renders and of their reconstructions (``fd_parts``: the FD per feature group, :func:`~.measure.fd_parts`), with
+``fd_ratio`` = FD(reconstructions) / FD(real) (the quality target of
 the base model is FD(samples) / FD(real) <= 1.3), the training seconds and the load average. The line is
 appended to ``<out>/probes/vae_log.jsonl``; ``<out>/probes/vae_NAME/reconstructions.png`` shows real renders
 (odd rows) above their reconstructions. A trained probe is not retrained.
@@ -43,7 +44,6 @@ def _parse_overrides(overrides) -> dict:
 def run_vae_probe(p, name: str, overrides=(), *, identities: int = 32, per_identity: int = 8) -> dict:
     """Train (if ``overrides``, unless done) or load (no overrides: the pipeline's VAE) and measure one VAE of
     pipeline ``p`` (see the module docstring). Returns the JSON row."""
-    from facecrafter_jax import metrics as M
     from facecrafter_jax.image_grid import image_grid, save_png
     from facecrafter_jax.pretrained import load_pretrained, save_pretrained
 
@@ -81,8 +81,8 @@ def run_vae_probe(p, name: str, overrides=(), *, identities: int = 32, per_ident
            "train_s": train_s, "load_average": os.getloadavg()[0], "samples": len(real), "psnr": psnr(real, recon)}
     for label, imgs in (("real", real), ("recon", recon)):
         m = ctx.metrics(imgs, bootstrap=0, seed=0, fd=False)
-        fd = M.frechet_distance(MS.features(ctx.an.analyse(imgs)), ctx.fd_ref)
-        row[label] = {"id_top1": m["id_top1"], "fd": float(fd)}
+        parts = MS.fd_parts(MS.features(ctx.an.analyse(imgs)), ctx.fd_ref)
+        row[label] = {"id_top1": m["id_top1"], "fd": parts["all"], "fd_parts": parts}
     row["fd_ratio"] = row["recon"]["fd"] / max(row["real"]["fd"], 1e-12)
     root.mkdir(parents=True, exist_ok=True)
     k = min(16, len(real))
