@@ -257,3 +257,19 @@ def test_gpu_profile_is_the_cpu_pipeline_at_ten_times():
     for k in ("num_steps", "scheduler", "guidance_id", "guidance_control", "seed"):
         assert getattr(ev_g, k) == getattr(ev_c, k), k
     assert (gpu.world, gpu.base_split, gpu.celebrity, gpu.seed) == (cpu.world, cpu.base_split, cpu.celebrity, cpu.seed)
+
+
+def test_stage_table_prints_step_counts_as_integers(tmp_path):
+    """The report's stage table: a stage's wall / CPU seconds, and the VAE's info with integers as written
+    (10000 steps, not 1e+04) and floats to 4 significant digits; the total sums the stages."""
+    from facecrafter_jax.toy.report import _stage_table
+
+    p = ToyPipeline(_cfg(tmp_path / "run"))
+    p._mark_done("render", 38.0, {}, cpu_seconds=65.0)
+    p._mark_done("vae", 356.2, {"info": {"steps": 10000, "psnr": 29.60354, "scaling_factor": 0.0055664,
+                                          "history": [1.0, 0.5]}}, cpu_seconds=638.0)
+    table = _stage_table(p, evaluate_seconds=152.0)
+    assert "| vae | 356 | 638 |" in table
+    assert "steps 10000, psnr 29.6, scaling_factor 0.005566 |" in table
+    assert "| evaluate | 152 | | | up to writing this report |" in table
+    assert "**546** (9.1 min) | 703 |" in table

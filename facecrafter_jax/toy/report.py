@@ -309,7 +309,8 @@ def _stage_table(p, evaluate_seconds: float | None = None) -> str:
             if r.get("final_ad_loss"):
                 note += f", AD {r['final_ad_loss']:.4f}"
         elif name == "vae" and "info" in r:
-            note = ", ".join(f"{k} {v:.4g}" for k, v in r["info"].items() if isinstance(v, (int, float)))
+            note = ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}" for k, v in r["info"].items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool))
         elif name == "records":
             note = f"{r.get('records')} records, latents {r.get('latent_shape')}"
         load = rec.get("load_average")
