@@ -122,6 +122,15 @@ def test_toy_pipeline_end_to_end_and_resume(tiny_run, monkeypatch):
     assert (out / "probes" / "own" / "grid_celebrity.png").is_file()
     with pytest.raises(ValueError, match="reference"):
         probe_context(p, 3, 2, seed, "photo")
+    # celebrity_each: every condition its own celebrity photo of its identity; no copy metrics
+    each = probe_context(p, 3, 2, seed, "celebrity_each")
+    who = np.asarray(full.cond["identity"])
+    photos = p.world.render(sample_split(p.world, p.split_of("base"), len(who), 4100 + seed, p.celebrity, identity=who))
+    np.testing.assert_allclose(each.cond["arcface"], p.arcface(photos), rtol=1e-6)
+    np.testing.assert_array_equal(each.cond["ref_images"], photos[::2])
+    row = run_base_probe(p, "own", identities=3, per_identity=2, reference="celebrity_each")
+    assert "pose_copy" not in row and "emotion_copy" not in row and "pose_copy" not in row["real"]
+    assert np.isfinite(row["id_top1"][0]) and np.isfinite(row["fd_parts"]["emotion"])
 
 
 def test_vae_probe_on_the_tiny_pipeline(tiny_run, monkeypatch):

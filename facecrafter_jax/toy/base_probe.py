@@ -8,8 +8,9 @@ line with the metrics (value, standard error) of the samples and of fresh base-s
 identities (the reference row), with the FD per feature group (``fd_parts``: identity, emotion, pose;
 :func:`~.measure.fd_parts`), the training wall / CPU seconds and the load average; ``--reference celebrity``
 conditions each identity on a celebrity-split photo instead of a full-range one (the base's in-distribution use:
-its FD then holds the image quality without the full-range photo's leaked pose and expression); the line is appended to
-``<out>/probes/log.jsonl`` and a grid (per identity: its reference, then its samples) is written to
+its FD then holds the image quality without the full-range photo's leaked pose and expression), ``--reference
+celebrity_each`` / ``full_each`` every sample on its own photo (copying of one photo then averages out of the
+FD). The line is appended to ``<out>/probes/log.jsonl`` and a grid (per identity: its reference, then its samples) is written to
 ``<out>/probes/NAME/grid.png``. A finished probe is not retrained (``--ev`` changes only the sampling: guidance,
 steps). docs/results.md lists the probes behind the pipeline's defaults.
 """
@@ -51,18 +52,21 @@ class ProbeContext:
         """:func:`~.measure.set_metrics` of one image per condition."""
         from . import measure as MS
 
-        return MS.set_metrics(self.an.analyse(images), self.cond, ref_analysis=self.ref, id_centres=self.centres,
+        ref = None if self.cond.get("reference_each") else self.ref
+        return MS.set_metrics(self.an.analyse(images), self.cond, ref_analysis=ref, id_centres=self.centres,
                               fd_reference=self.fd_ref if fd else None, bootstrap=bootstrap, seed=seed)
 
 
-REFERENCES = ("full", "celebrity")
+REFERENCES = ("full", "celebrity", "full_each", "celebrity_each")
 
 
 def probe_context(p, identities: int, per_identity: int, seed: int, reference: str = "full") -> ProbeContext:
     """The :class:`ProbeContext` of pipeline ``p`` (its analysers, world and test renders; evaluation ``seed``).
     ``reference``: ``full`` conditions each identity on one full-range photo (the report's experiment: the
     Arc2Face failure shows as copying of it); ``celebrity`` on one photo of the base (celebrity) split, the base
-    model's in-distribution use, with celebrity decoys (seeds ``3800 + seed``, ``3900 + seed``)."""
+    model's in-distribution use, with celebrity decoys (seeds ``3800 + seed``, ``3900 + seed``); ``full_each`` /
+    ``celebrity_each``: every sample on its own photo of its identity (seeds ``4000 + seed`` / ``4100 + seed``),
+    so that copying of one photo averages out over the set (no copy metrics then)."""
     from . import measure as MS
     from .splits import sample_split
 
@@ -70,11 +74,18 @@ def probe_context(p, identities: int, per_identity: int, seed: int, reference: s
         raise ValueError(f"reference must be one of {list(REFERENCES)}, got {reference!r}")
     an = p.analysers()
     cond = MS.make_conditions(p.world, p.arcface, identities, per_identity, seed)
+    split = p.split_of("base") if reference.startswith("celebrity") else "full"
+
+    def draw(n, s, who):
+        return sample_split(p.world, split, n, s, p.celebrity, identity=who)
+    ids = np.asarray(cond["identities"])
     if reference == "celebrity":
-        ids = np.asarray(cond["identities"])
-        draw = lambda n, s, who: sample_split(p.world, p.split_of("base"), n, s, p.celebrity, identity=who)  # noqa: E731
         cond = MS.with_references(cond, p.world, p.arcface, draw(len(ids), 3800 + seed, ids),
                                   draw(len(ids) * cond["decoys"], 3900 + seed, np.repeat(ids, cond["decoys"])))
+    elif reference.endswith("_each"):
+        who = np.asarray(cond["identity"])
+        cond = MS.with_references(cond, p.world, p.arcface,
+                                  draw(len(who), (4100 if split != "full" else 4000) + seed, who))
     test = p.data("test")
     ta = an.analyse(test["images"])
     centres = np.zeros((p.world.config.num_identities, ta["embedding"].shape[1]))
@@ -163,8 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--per-identity", type=int, default=4)
     ap.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA copy")
     ap.add_argument("--reference", choices=REFERENCES, default="full",
-                    help="the photo each identity is conditioned on: full range (the report's experiment) or a "
-                         "celebrity-split photo (the base model's in-distribution use)")
+                    help="the photo each identity is conditioned on: one full-range photo (the report's experiment), "
+                         "one celebrity-split photo (the base model's in-distribution use), or with _each every "
+                         "sample its own photo of that kind (no copy metrics)")
     args = ap.parse_args(argv)
     try:
         cfg = load_pipeline_config(args.toy_config, args.pipeline)

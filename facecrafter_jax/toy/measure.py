@@ -92,20 +92,35 @@ def make_conditions(world, arcface_fn: Callable[[np.ndarray], np.ndarray], ident
 
 
 def with_references(cond: Conditions, world, arcface_fn: Callable[[np.ndarray], np.ndarray], refs,
-                    decoys) -> Conditions:
-    """``cond`` conditioned on other reference photos: ``refs`` (attributes, one per identity of
-    ``cond["identities"]``) become the references (their toy ArcFace the identity condition of every sample of
-    that identity) and ``decoys`` (attributes, ``cond["decoys"]`` per identity, identity-major) the decoys; the
-    targets are unchanged. For example celebrity-split photos instead of full-range ones (``base-probe
-    --reference celebrity``): the base model's in-distribution use."""
+                    decoys=None) -> Conditions:
+    """``cond`` conditioned on other reference photos (attributes ``refs``); the targets are unchanged.
+
+    * one photo per identity of ``cond["identities"]``: they become the references (their toy ArcFace the identity
+      condition of every sample of that identity) and ``decoys`` (attributes, ``cond["decoys"]`` per identity,
+      identity-major) the decoys; e.g. celebrity-split photos instead of full-range ones (``base-probe
+      --reference celebrity``), the base model's in-distribution use;
+    * one photo per condition (``len(refs) == len(cond["identity"])``): every sample gets its own photo of its
+      identity, so copying of a photo averages out over a set (``--reference celebrity_each``); ``decoys`` must be
+      None, ``ref_images`` holds each identity's first photo (for display) and ``cond["reference_each"]`` is set:
+      the copy metrics are undefined then (:func:`set_metrics` with ``ref_analysis=None``)."""
     ids = np.asarray(cond["identities"])
-    if not (np.array_equal(np.asarray(refs.identity), ids)
-            and np.array_equal(np.asarray(decoys.identity), np.repeat(ids, cond["decoys"]))):
-        raise ValueError("with_references: refs must hold one photo per identity of cond['identities'] and decoys "
-                         f"{cond['decoys']} per identity, identity-major")
-    ref_images = world.render(refs)
+    rid = np.asarray(refs.identity)
+    m = int(cond["per_identity"])
     out = Conditions(cond)
-    out.update(arcface=np.repeat(np.asarray(arcface_fn(ref_images), np.float32), cond["per_identity"], axis=0),
+    if len(rid) == len(cond["identity"]) and decoys is None:
+        if not np.array_equal(rid, np.asarray(cond["identity"])):
+            raise ValueError("with_references: per-condition refs must have the identities of cond['identity']")
+        images = world.render(refs)
+        out.update(arcface=np.asarray(arcface_fn(images), np.float32), ref_images=images[::m],
+                   ref_head_pose=np.asarray(refs.head_pose, np.float32)[::m],
+                   ref_emotion_class=np.asarray(refs.emotion, np.int32)[::m], reference_each=True)
+        return out
+    if decoys is None or not (np.array_equal(rid, ids)
+                              and np.array_equal(np.asarray(decoys.identity), np.repeat(ids, cond["decoys"]))):
+        raise ValueError("with_references: refs must hold one photo per identity of cond['identities'] (with decoys, "
+                         f"{cond['decoys']} per identity, identity-major) or one per condition (without decoys)")
+    ref_images = world.render(refs)
+    out.update(arcface=np.repeat(np.asarray(arcface_fn(ref_images), np.float32), m, axis=0),
                ref_images=ref_images, ref_head_pose=np.asarray(refs.head_pose, np.float32),
                ref_emotion_class=np.asarray(refs.emotion, np.int32), decoy_images=world.render(decoys))
     return out
@@ -191,12 +206,54 @@ def _euclid(a, b):
     return np.linalg.norm(a - b, axis=-1)
 
 
-def set_metrics(a: Mapping[str, np.ndarray], cond: Conditions, *, ref_analysis: Mapping[str, np.ndarray],
+def _copy_metrics(a, cond, ref_analysis, disp, cls, group, k, bootstrap, seed) -> dict:
+    """The copy metrics of :func:`set_metrics` (pose / expression copy ratios, yaw copy slope, emotion copy)."""
+    out: dict[str, tuple[float, float]] = {}
+    nd = int(cond["decoys"])
+    ref_pose, dec_pose = ref_analysis["head_pose"][:k], ref_analysis["head_pose"][k:]
+    d_own = {"pose_copy": _geodesic(a["head_pose"], ref_pose[group])}
+    d_dec = {"pose_copy": np.stack([_geodesic(a["head_pose"], dec_pose[group * nd + j]) for j in range(nd)], 1)}
+    if disp is not None:
+        nf = cond["neutral_frontal"]
+        ref_disp = expression_displacement(ref_analysis["landmarks"][:k], nf)
+        dec_disp = expression_displacement(ref_analysis["landmarks"][k:], np.repeat(nf, nd, axis=0))
+        d_own["expr_copy"] = _euclid(disp, ref_disp[group])
+        d_dec["expr_copy"] = np.stack([_euclid(disp, dec_disp[group * nd + j]) for j in range(nd)], 1)
+
+    def rows_of(g):
+        return np.concatenate([np.flatnonzero(group == i) for i in g])
+    for name in d_own:
+        def ratio(g, name=name):
+            r = rows_of(g)
+            den = d_dec[name][r].mean()
+            return d_own[name][r].mean() / den if den > 0 else float("nan")
+        out[name] = (float(ratio(np.arange(k))), cluster_bootstrap(ratio, k, resamples=bootstrap, seed=seed))
+    def yaw_slope(g):
+        r = rows_of(g)
+        y = a["head_pose"][r, 0]
+
+        def slope(x):
+            x = x - x.mean()
+            return float(x @ (y - y.mean()) / (x @ x)) if x @ x > 0 else float("nan")
+        return slope(ref_pose[group[r], 0]) - np.mean([slope(dec_pose[group[r] * nd + j, 0]) for j in range(nd)])
+    out["yaw_copy_slope"] = (yaw_slope(np.arange(k)), cluster_bootstrap(yaw_slope, k, resamples=bootstrap, seed=seed))
+    ref_cls = ref_analysis["emotion_probs"].argmax(-1)
+    agree_own = (cls == ref_cls[:k][group]).astype(np.float64)
+    agree_dec = np.stack([cls == ref_cls[k:][group * nd + j] for j in range(nd)], 1).astype(np.float64)
+
+    def emo_copy(g):
+        r = rows_of(g)
+        return agree_own[r].mean() - agree_dec[r].mean()
+    out["emotion_copy"] = (float(emo_copy(np.arange(k))), cluster_bootstrap(emo_copy, k, resamples=bootstrap, seed=seed))
+    return out
+
+
+def set_metrics(a: Mapping[str, np.ndarray], cond: Conditions, *, ref_analysis: Mapping[str, np.ndarray] | None,
                 id_centres: np.ndarray, fd_reference: np.ndarray | None = None, bootstrap: int = 100,
                 seed: int = 0, per_identity: dict | None = None) -> dict[str, tuple[float, float]]:
     """Every metric of the module docstring for one set (analysis ``a`` of one image per condition), as
     ``{name: (value, standard error)}``. ``ref_analysis``: the analysers' reading of the references followed by
-    the decoys (``analyse(analysers, reference_images(cond))``);
+    the decoys (``analyse(analysers, reference_images(cond))``; None: no copy metrics);
     ``id_centres`` [I, E]: unit mean embedding per identity (fresh renders); ``fd_reference``: feature rows
     (:func:`features`) of the FD reference set (None: no ``fd``). ``per_identity``: a dict that receives, for
     every metric that is a mean over identities (:data:`MEAN_METRICS` and the three diversities), its K
@@ -237,42 +294,8 @@ def set_metrics(a: Mapping[str, np.ndarray], cond: Conditions, *, ref_analysis: 
         if per_identity is not None:
             per_identity[name] = v
     # copying of the reference: distance to the reference vs to the same identity's decoys
-    nd = int(cond["decoys"])
-    ref_pose, dec_pose = ref_analysis["head_pose"][:k], ref_analysis["head_pose"][k:]
-    d_own = {"pose_copy": _geodesic(a["head_pose"], ref_pose[group])}
-    d_dec = {"pose_copy": np.stack([_geodesic(a["head_pose"], dec_pose[group * nd + j]) for j in range(nd)], 1)}
-    if disp is not None:
-        nf = cond["neutral_frontal"]
-        ref_disp = expression_displacement(ref_analysis["landmarks"][:k], nf)
-        dec_disp = expression_displacement(ref_analysis["landmarks"][k:], np.repeat(nf, nd, axis=0))
-        d_own["expr_copy"] = _euclid(disp, ref_disp[group])
-        d_dec["expr_copy"] = np.stack([_euclid(disp, dec_disp[group * nd + j]) for j in range(nd)], 1)
-
-    def rows_of(g):
-        return np.concatenate([np.flatnonzero(group == i) for i in g])
-    for name in d_own:
-        def ratio(g, name=name):
-            r = rows_of(g)
-            den = d_dec[name][r].mean()
-            return d_own[name][r].mean() / den if den > 0 else float("nan")
-        out[name] = (float(ratio(np.arange(k))), cluster_bootstrap(ratio, k, resamples=bootstrap, seed=seed))
-    def yaw_slope(g):
-        r = rows_of(g)
-        y = a["head_pose"][r, 0]
-
-        def slope(x):
-            x = x - x.mean()
-            return float(x @ (y - y.mean()) / (x @ x)) if x @ x > 0 else float("nan")
-        return slope(ref_pose[group[r], 0]) - np.mean([slope(dec_pose[group[r] * nd + j, 0]) for j in range(nd)])
-    out["yaw_copy_slope"] = (yaw_slope(np.arange(k)), cluster_bootstrap(yaw_slope, k, resamples=bootstrap, seed=seed))
-    ref_cls = ref_analysis["emotion_probs"].argmax(-1)
-    agree_own = (cls == ref_cls[:k][group]).astype(np.float64)
-    agree_dec = np.stack([cls == ref_cls[k:][group * nd + j] for j in range(nd)], 1).astype(np.float64)
-
-    def emo_copy(g):
-        r = rows_of(g)
-        return agree_own[r].mean() - agree_dec[r].mean()
-    out["emotion_copy"] = (float(emo_copy(np.arange(k))), cluster_bootstrap(emo_copy, k, resamples=bootstrap, seed=seed))
+    if ref_analysis is not None:
+        out.update(_copy_metrics(a, cond, ref_analysis, disp, cls, group, k, bootstrap, seed))
     if fd_reference is not None:
         f = features(a)
 
