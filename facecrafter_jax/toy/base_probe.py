@@ -10,8 +10,8 @@ identities (the reference row), with the FD per feature group (``fd_parts``: ide
 conditions each identity on a celebrity-split photo instead of a full-range one (the base's in-distribution use:
 its FD then holds the image quality without the full-range photo's leaked pose and expression), ``--reference
 celebrity_each`` / ``full_each`` every sample on its own photo (copying of one photo then averages out of the
-FD). The line is appended to ``<out>/probes/log.jsonl`` and a grid (per identity: its reference, then its samples) is written to
-``<out>/probes/NAME/grid.png``. A finished probe is not retrained (``--ev`` changes only the sampling: guidance,
+FD). The line is appended to ``<out>/probes/log.jsonl`` and a grid (per identity: its reference, then its
+samples) is written to ``<out>/probes/NAME/grid.png``. A finished probe is not retrained (``--ev`` changes only the sampling: guidance,
 steps). docs/results.md lists the probes behind the pipeline's defaults.
 """
 
@@ -48,13 +48,17 @@ class ProbeContext:
     fd_ref: np.ndarray
     real: np.ndarray
 
-    def metrics(self, images, *, bootstrap: int, seed: int, fd: bool = True) -> dict:
-        """:func:`~.measure.set_metrics` of one image per condition."""
+    def metrics(self, analysis, *, bootstrap: int, seed: int, fd: bool = True) -> dict:
+        """:func:`~.measure.set_metrics` of one image per condition (``analysis``: ``self.an.analyse(images)``),
+        plus ``fd_parts`` (:func:`~.measure.fd_parts`) when ``fd``."""
         from . import measure as MS
 
         ref = None if self.cond.get("reference_each") else self.ref
-        return MS.set_metrics(self.an.analyse(images), self.cond, ref_analysis=ref, id_centres=self.centres,
-                              fd_reference=self.fd_ref if fd else None, bootstrap=bootstrap, seed=seed)
+        out = MS.set_metrics(analysis, self.cond, ref_analysis=ref, id_centres=self.centres,
+                             fd_reference=self.fd_ref if fd else None, bootstrap=bootstrap, seed=seed)
+        if fd:
+            out["fd_parts"] = MS.fd_parts(MS.features(analysis), self.fd_ref)
+        return out
 
 
 REFERENCES = ("full", "celebrity", "full_each", "celebrity_each")
@@ -85,7 +89,7 @@ def probe_context(p, identities: int, per_identity: int, seed: int, reference: s
     elif reference.endswith("_each"):
         who = np.asarray(cond["identity"])
         cond = MS.with_references(cond, p.world, p.arcface,
-                                  draw(len(who), (4100 if split != "full" else 4000) + seed, who))
+                                  draw(len(who), (4100 if reference == "celebrity_each" else 4000) + seed, who))
     test = p.data("test")
     ta = an.analyse(test["images"])
     centres = np.zeros((p.world.config.num_identities, ta["embedding"].shape[1]))
@@ -114,7 +118,6 @@ def probe_parser(prog: str, doc: str, name_help: str, overrides_help: str) -> ar
 def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_identity: int = 4,
                    evaluation: dict | None = None, export_ema: bool = True, reference: str = "full") -> dict:
     """Train (unless done) and measure one base-model variant of pipeline ``p`` (see the module docstring)."""
-    from facecrafter_jax import metrics as M
 
     from . import measure as MS
     from facecrafter_jax.image_grid import image_grid, save_png
@@ -141,9 +144,8 @@ def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_iden
     sample_s = time.perf_counter() - t1
     rows = {}
     for label, imgs in (("samples", images), ("real", ctx.real)):
-        m = ctx.metrics(imgs, bootstrap=ev.bootstrap, seed=ev.seed)
-        rows[label] = {k: m[k] for k in KEYS if k in m}
-        rows[label]["fd_parts"] = MS.fd_parts(MS.features(ctx.an.analyse(imgs)), ctx.fd_ref)
+        m = ctx.metrics(ctx.an.analyse(imgs), bootstrap=ev.bootstrap, seed=ev.seed)
+        rows[label] = {k: m[k] for k in KEYS + ("fd_parts",) if k in m}
     per = ev.per_identity
     idk = np.arange(min(16, len(cond["identities"])))
     cols = [cond["ref_images"][idk]] + [images[idk * per + j] for j in range(min(per, 4))]
@@ -155,7 +157,7 @@ def run_base_probe(p, name: str, overrides=(), *, identities: int = 32, per_iden
            "reference": reference,
            "train_s": train_s, "train_cpu_s": train_cpu, "sample_s": sample_s, "load_average": os.getloadavg()[0],
            "final_diffusion_loss": result.get("final_diffusion_loss"), **rows["samples"], "real": rows["real"],
-           "fd_real_vs_reference": float(M.frechet_distance(MS.features(ctx.an.analyse(ctx.real)), ctx.fd_ref))}
+           "fd_real_vs_reference": rows["real"]["fd_parts"]["all"]}
     with open(Path(p.out) / "probes" / "log.jsonl", "a") as f:
         f.write(json.dumps(row, default=float) + "\n")
     return row

@@ -47,7 +47,6 @@ def run_vae_probe(p, name: str, overrides=(), *, identities: int = 32, per_ident
     from facecrafter_jax.image_grid import image_grid, save_png
     from facecrafter_jax.pretrained import load_pretrained, save_pretrained
 
-    from . import measure as MS
     from .base_probe import probe_context
     from .vae_training import VAETrainConfig, psnr, reconstruct, train_vae
 
@@ -80,9 +79,8 @@ def run_vae_probe(p, name: str, overrides=(), *, identities: int = 32, per_ident
     row = {"name": name, "overrides": list(overrides), "vae": str(source), "config": config,
            "train_s": train_s, "load_average": os.getloadavg()[0], "samples": len(real), "psnr": psnr(real, recon)}
     for label, imgs in (("real", real), ("recon", recon)):
-        m = ctx.metrics(imgs, bootstrap=0, seed=0, fd=False)
-        parts = MS.fd_parts(MS.features(ctx.an.analyse(imgs)), ctx.fd_ref)
-        row[label] = {"id_top1": m["id_top1"], "fd": parts["all"], "fd_parts": parts}
+        m = ctx.metrics(ctx.an.analyse(imgs), bootstrap=0, seed=0)
+        row[label] = {"id_top1": m["id_top1"], "fd": m["fd_parts"]["all"], "fd_parts": m["fd_parts"]}
     row["fd_ratio"] = row["recon"]["fd"] / max(row["real"]["fd"], 1e-12)
     root.mkdir(parents=True, exist_ok=True)
     k = min(16, len(real))
