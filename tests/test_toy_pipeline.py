@@ -61,12 +61,16 @@ def test_toy_pipeline_end_to_end_and_resume(tiny_run, monkeypatch):
     assert set(read_manifest(str(out / "facecrafter"))["components"]) == {"unet", "text_encoder", "vae", "adapters"}
     report = json.loads((out / "report.json").read_text())
     sets = [r["set"] for r in report["rows"]]
-    assert sets[0].startswith("real renders") and "joint: ID+LMK+EMO" in sets and len(sets) == 10
+    assert sets[0].startswith("real renders") and "joint: ID+LMK+EMO" in sets and len(sets) == 11
     assert [r["table"] for r in report["rows"] if r["set"] == "joint: ID-only (null tokens)"] == ["id_only"]
+    assert sets[2:4] == ["base: ID", "base: ID, its own celebrity photo per sample"]
     for r in report["rows"]:
         assert 0.0 <= r["id_top1"] <= 1.0 and 0.0 <= r["emotion_acc"] <= 1.0 and r["pose_mae_deg"] >= 0.0
         assert np.isfinite(r["fd_base"]) and np.isfinite(r["fd_full"]) and r["n"] == 6
-        assert r["pose_copy"] >= 0.0 and np.isfinite(r["pose_div_deg"]) and "id_top1_se" in r
+        assert np.isfinite(r["pose_div_deg"]) and "id_top1_se" in r
+        # every sample on its own photo: no one reference, so no copy metrics
+        assert ("pose_copy" in r) == (r["set"] != "base: ID, its own celebrity photo per sample")
+        assert r.get("pose_copy", 0.0) >= 0.0
     assert set(report["arcface_leakage"]) >= {"r2_yaw", "r2_expression", "emotion_acc"}
     assert set(report["split_statistics"]) == {"base", "adapter", "test", "test_base"}
     probe = report["control_probe"]
@@ -282,3 +286,25 @@ def test_stage_table_prints_step_counts_as_integers(tmp_path):
     assert "steps 10000, psnr 29.6, scaling_factor 0.005566 |" in table
     assert "| evaluate | 152 | | | up to writing this report |" in table
     assert "**546** (9.1 min) | 703 |" in table
+
+
+def test_acceptance_checks_fd_ratios():
+    """The report's two FD checks divide the base's FD against fresh base-split renders by the real base-split
+    renders' FD: the one-photo row (the issue's protocol) and the own-photo row (image quality), each against 1.3;
+    without the own-photo row (an older report) only the first is listed."""
+    from facecrafter_jax.toy.report import BASE_OWN, REAL_BASE, REAL_TARGETS, acceptance_checks
+
+    def row(**kw):
+        base = {"id_top1": 0.9, "id_top1_se": 0.04, "pose_div_deg": 6.0, "pose_div_deg_se": 0.2, "expr_div": 0.8,
+                "expr_div_se": 0.02, "yaw_copy_slope": 0.3, "yaw_copy_slope_se": 0.1, "expr_copy": 0.9,
+                "expr_copy_se": 0.02, "emotion_acc": 0.1, "pose_mae_deg": 9.0, "fd_base": 0.4}
+        return {**base, **kw}
+
+    by = {REAL_TARGETS: row(pose_div_deg=25.0, expr_div=1.1), REAL_BASE: row(fd_base=0.16),
+          "base: ID": row(fd_base=0.42), BASE_OWN: row(fd_base=0.2),
+          "joint: ID+LMK": row(pose_mae_deg=4.8), "joint: ID+EMO": row(emotion_acc=0.43)}
+    fd = [(m, ok) for name, m, bar, ok in acceptance_checks(by) if "FD" in name]
+    assert fd == [(f"{0.42 / 0.16:.2f}", False), (f"{0.2 / 0.16:.2f}", True)]
+    assert len(acceptance_checks(by)) == 9
+    del by[BASE_OWN]
+    assert [m for name, m, _, _ in acceptance_checks(by) if "FD" in name] == [f"{0.42 / 0.16:.2f}"]

@@ -10,7 +10,8 @@ The experiment (``evaluation`` section of ``configs/toy/pipeline.yaml``; :func:`
                  for, and the diversity a generator could have) and fresh base-split renders of the same
                  identities (what the base model was trained on: the reference of its FD)
     sets         :data:`SETS`: base ID-only | joint ID-only (null tokens) | stage a ID+LMK | stage b ID+EMO |
-                 joint ID+LMK | joint ID+EMO | joint ID+LMK+EMO | joint ID+LMK0+EMO
+                 joint ID+LMK | joint ID+EMO | joint ID+LMK+EMO | joint ID+LMK0+EMO, plus
+                 :data:`BASE_OWN`: base ID-only with every sample on its own base-split photo (image quality)
     noise        condition i starts from initial_noise(seed, i) in every set
 
 Two tables: **ID-only sampling** (group ``id_only``: identity, FD against fresh base-split and full-range
@@ -33,7 +34,7 @@ from .measure import Conditions, make_conditions, sample_set  # noqa: F401  (re-
 
 __all__ = ["SETS", "JOINT_SETS", "Conditions", "make_conditions", "sample_set", "evaluate_pipeline", "write_report",
            "markdown_table", "evaluation_context", "load_pipeline", "load_model", "ID_ONLY_COLUMNS",
-           "CONTROL_COLUMNS"]
+           "CONTROL_COLUMNS", "BASE_OWN"]
 
 SETS: tuple[tuple[str, str, tuple[str, ...], dict, str], ...] = (
     ("base: ID", "base", (), {}, "id_only"),
@@ -54,6 +55,10 @@ JOINT_SETS = tuple((label, stage, controls) for label, stage, controls, _, _ in 
 
 REAL_TARGETS = "real renders: targets (adapter split)"
 REAL_BASE = "real renders: base split"
+BASE_OWN = "base: ID, its own celebrity photo per sample"
+"""The base model ID-only with every sample conditioned on its own base-split photo of its identity
+(:attr:`EvaluationContext.cond_own`): its FD is the image quality without the copying of one photo that the
+one-photo rows show (docs/toy_world.md, "Where the samples' FD goes")."""
 
 ID_ONLY_COLUMNS = (("id_top1", "ID top-1 ↑", 3), ("id_cos", "ID cos ↑", 3), ("fd_base", "FD base split ↓", 2),
                    ("fd_full", "FD full range ↓", 2), ("pose_div_deg", "pose div°", 1),
@@ -126,10 +131,21 @@ class EvaluationContext:
         base_attrs = sample_split(p.world, p.split_of("base"), len(self.cond["identity"]), 3600 + ev.seed,
                                   p.celebrity, identity=self.cond["identity"])
         self.real_base_images = p.world.render(base_attrs)
+        # the same conditions with every sample on its own base-split (celebrity) photo of its identity: the base
+        # model's in-distribution use, where copying of one photo averages out of the FD (base-probe's
+        # --reference celebrity_each, same seed)
+        own_attrs = sample_split(p.world, p.split_of("base"), len(self.cond["identity"]), 4100 + ev.seed,
+                                 p.celebrity, identity=self.cond["identity"])
+        self.cond_own = MS.with_references(self.cond, p.world, p.arcface, own_attrs)
 
-    def measure(self, images: np.ndarray, per_identity: dict | None = None) -> dict[str, float]:
+    def measure(self, images: np.ndarray, per_identity: dict | None = None, cond: Conditions | None = None
+                ) -> dict[str, float]:
+        """Metrics of ``images`` (one per condition of ``cond``, default the context's ``cond``); no copy metrics
+        when every sample had its own photo (``cond_own``)."""
+        cond = self.cond if cond is None else cond
         a = self.analysers.analyse(images)
-        m = MS.set_metrics(a, self.cond, ref_analysis=self.ref_analysis, id_centres=self.centres,
+        ref = None if cond.get("reference_each") else self.ref_analysis
+        m = MS.set_metrics(a, cond, ref_analysis=ref, id_centres=self.centres,
                            fd_reference=self.fd_full, bootstrap=self.ev.bootstrap, seed=self.ev.seed,
                            per_identity=per_identity)
         m["fd_full"] = m.pop("fd")
@@ -198,6 +214,11 @@ def evaluate_pipeline(p) -> dict[str, Any]:
         rows.append((label, ctx.measure(images[label]), group))
         p.log(f"[toy] {label}: " + ", ".join(f"{k} {rows[-1][1][k]:.3f}" for k in ("id_top1", "pose_mae_deg",
                                                                                       "emotion_acc", "pose_copy")))
+    t0 = time.perf_counter()
+    images[BASE_OWN] = sample_set(pipes["base"], ctx.cond_own, (), ev)
+    timings[BASE_OWN] = time.perf_counter() - t0
+    rows.insert(3, (BASE_OWN, ctx.measure(images[BASE_OWN], cond=ctx.cond_own), "id_only"))
+    p.log(f"[toy] {BASE_OWN}: id_top1 {rows[3][1]['id_top1']:.3f}, fd_base {rows[3][1]['fd_base']:.3f}")
     # image grids: conditions x (reference, target render, sets)
     per = ev.per_identity
     pick = np.arange(0, len(cond["identity"]), max(1, len(cond["identity"]) // 8))[:8]
@@ -332,10 +353,17 @@ def acceptance_checks(by: dict[str, dict]) -> list[tuple[str, str, str, bool]]:
         return d > 3 * se
 
     fd_ratio = base["fd_base"] / real_b["fd_base"]
+    quality = []
+    if BASE_OWN in by:
+        own_ratio = by[BASE_OWN]["fd_base"] / real_b["fd_base"]
+        quality = [("base ID-only image quality: FD with its own celebrity photo per sample / FD of fresh base-split "
+                    "renders", f"{own_ratio:.2f}", "<= 1.3", own_ratio <= 1.3)]
     return [
         ("base ID-only identity top-1", f"{base['id_top1']:.3f} ± {base['id_top1_se']:.3f}", ">= 0.8",
          base["id_top1"] >= 0.8),
-        ("base ID-only FD / FD of fresh base-split renders", f"{fd_ratio:.2f}", "<= 1.3", fd_ratio <= 1.3),
+        ("base ID-only FD / FD of fresh base-split renders (one full-range photo per identity)", f"{fd_ratio:.2f}",
+         "<= 1.3", fd_ratio <= 1.3),
+        *quality,
         ("base ID-only pose diversity below the adapter split's (real renders of the targets)",
          f"{base['pose_div_deg']:.1f} vs {real_t['pose_div_deg']:.1f} deg", "clearly below",
          below(base, real_t, "pose_div_deg")),
@@ -412,7 +440,10 @@ def write_report(p, report: dict) -> None:
         "reference, 0 = a copy); yaw copy slope: slope of the samples' yaw on their reference's yaw minus that on "
         "such renders' yaw (0 = none, 1 = turns as far as the reference); emotion copy: P(same class as its reference) - "
         "P(same as such a render). FD against fresh base-split "
-        "and full-range renders (analyser features; compare rows of equal size only).",
+        "and full-range renders (analyser features; compare rows of equal size only). "
+        f"'{BASE_OWN}': the same conditions and noise, every sample conditioned on its own photo of its identity from "
+        "the base model's (celebrity) split: its FD is the image quality without the copying of one photo (no copy "
+        "metrics: there is no one reference).",
         "",
         markdown_table(id_rows, ID_ONLY_COLUMNS),
         "",
