@@ -217,8 +217,9 @@ def evaluate_pipeline(p) -> dict[str, Any]:
     t0 = time.perf_counter()
     images[BASE_OWN] = sample_set(pipes["base"], ctx.cond_own, (), ev)
     timings[BASE_OWN] = time.perf_counter() - t0
-    rows.insert(3, (BASE_OWN, ctx.measure(images[BASE_OWN], cond=ctx.cond_own), "id_only"))
-    p.log(f"[toy] {BASE_OWN}: id_top1 {rows[3][1]['id_top1']:.3f}, fd_base {rows[3][1]['fd_base']:.3f}")
+    own = ctx.measure(images[BASE_OWN], cond=ctx.cond_own)
+    rows.insert([r[0] for r in rows].index(SETS[0][0]) + 1, (BASE_OWN, own, "id_only"))  # after the base's row
+    p.log(f"[toy] {BASE_OWN}: id_top1 {own['id_top1']:.3f}, fd_base {own['fd_base']:.3f}")
     # image grids: conditions x (reference, target render, sets)
     per = ev.per_identity
     pick = np.arange(0, len(cond["identity"]), max(1, len(cond["identity"]) // 8))[:8]
