@@ -22,6 +22,7 @@ by identity (:mod:`~.measure`).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -131,12 +132,16 @@ class EvaluationContext:
         base_attrs = sample_split(p.world, p.split_of("base"), len(self.cond["identity"]), 3600 + ev.seed,
                                   p.celebrity, identity=self.cond["identity"])
         self.real_base_images = p.world.render(base_attrs)
-        # the same conditions with every sample on its own base-split (celebrity) photo of its identity: the base
-        # model's in-distribution use, where copying of one photo averages out of the FD (base-probe's
-        # --reference celebrity_each, same seed)
-        own_attrs = sample_split(p.world, p.split_of("base"), len(self.cond["identity"]), 4100 + ev.seed,
-                                 p.celebrity, identity=self.cond["identity"])
-        self.cond_own = MS.with_references(self.cond, p.world, p.arcface, own_attrs)
+        self._pipeline = p
+
+    @functools.cached_property
+    def cond_own(self) -> Conditions:
+        """The same conditions with every sample on its own base-split (celebrity) photo of its identity: the base
+        model's in-distribution use, where copying of one photo averages out of the FD (the photos of base-probe's
+        ``--reference celebrity_each``); built on first use."""
+        from .base_probe import own_photo_conditions
+
+        return own_photo_conditions(self._pipeline, self.cond, "celebrity_each", self.ev.seed)
 
     def measure(self, images: np.ndarray, per_identity: dict | None = None, cond: Conditions | None = None
                 ) -> dict[str, float]:
