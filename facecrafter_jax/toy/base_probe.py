@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ProbeContext", "probe_context", "own_photo_conditions", "probe_parser", "run_base_probe", "main"]
+__all__ = ["ProbeContext", "probe_context", "probe_parser", "run_base_probe", "main"]
 
 KEYS = ("id_top1", "id_cos", "fd", "pose_div_deg", "expr_div", "emotion_entropy", "pose_copy", "yaw_copy_slope",
         "expr_copy", "emotion_copy")
@@ -62,26 +62,6 @@ class ProbeContext:
 
 
 REFERENCES = ("full", "celebrity", "full_each", "celebrity_each")
-OWN_PHOTO_SEED = {"full_each": 4000, "celebrity_each": 4100}
-"""Seed offset (plus the evaluation seed) of the per-condition photos of each ``_each`` reference."""
-
-
-def own_photo_conditions(p, cond, reference: str, seed: int):
-    """``cond`` with every condition on its own photo of its identity (:func:`~.measure.with_references`):
-    ``reference`` ``celebrity_each`` draws them from pipeline ``p``'s base (celebrity) split, ``full_each`` from
-    the full range, with seed ``OWN_PHOTO_SEED[reference] + seed``. The report's own-photo row and ``base-probe
-    --reference celebrity_each`` use the same photos."""
-    from . import measure as MS
-    from .splits import sample_split
-
-    if reference not in OWN_PHOTO_SEED:
-        raise ValueError(f"reference must be one of {list(OWN_PHOTO_SEED)}, got {reference!r}")
-    split = p.split_of("base") if reference == "celebrity_each" else "full"
-    who = np.asarray(cond["identity"])
-    refs = sample_split(p.world, split, len(who), OWN_PHOTO_SEED[reference] + seed, p.celebrity, identity=who)
-    return MS.with_references(cond, p.world, p.arcface, refs)
-
-
 def probe_context(p, identities: int, per_identity: int, seed: int, reference: str = "full") -> ProbeContext:
     """The :class:`ProbeContext` of pipeline ``p`` (its analysers, world and test renders; evaluation ``seed``).
     ``reference``: ``full`` conditions each identity on one full-range photo (the report's experiment: the
@@ -105,7 +85,7 @@ def probe_context(p, identities: int, per_identity: int, seed: int, reference: s
         cond = MS.with_references(cond, p.world, p.arcface, draw(len(ids), 3800 + seed, ids),
                                   draw(len(ids) * cond["decoys"], 3900 + seed, np.repeat(ids, cond["decoys"])))
     elif reference.endswith("_each"):
-        cond = own_photo_conditions(p, cond, reference, seed)
+        cond = MS.own_photo_conditions(p, cond, reference, seed)
     test = p.data("test")
     ta = an.analyse(test["images"])
     centres = np.zeros((p.world.config.num_identities, ta["embedding"].shape[1]))

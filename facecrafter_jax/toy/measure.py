@@ -42,8 +42,9 @@ import numpy as np
 
 from facecrafter_jax import metrics as M
 
-__all__ = ["Conditions", "make_conditions", "reference_images", "analyse", "expression_displacement", "set_metrics", "sample_set",
-           "features", "fd_parts", "with_references", "cluster_mean", "cluster_bootstrap", "MEAN_METRICS"]
+__all__ = ["Conditions", "make_conditions", "own_photo_conditions", "reference_images", "analyse",
+           "expression_displacement", "set_metrics", "sample_set", "features", "fd_parts", "with_references",
+           "cluster_mean", "cluster_bootstrap", "MEAN_METRICS"]
 
 MEAN_METRICS = ("id_top1", "id_cos", "pose_mae_deg", "landmark_nme", "emotion_acc")
 _RIGID = np.arange(468)  # the mesh points (irises excluded) used for pose normalisation
@@ -124,6 +125,25 @@ def with_references(cond: Conditions, world, arcface_fn: Callable[[np.ndarray], 
                ref_images=ref_images, ref_head_pose=np.asarray(refs.head_pose, np.float32),
                ref_emotion_class=np.asarray(refs.emotion, np.int32), decoy_images=world.render(decoys))
     return out
+
+
+OWN_PHOTO_SEED = {"full_each": 4000, "celebrity_each": 4100}
+"""Seed offset (plus the evaluation seed) of the per-condition photos of each ``_each`` reference."""
+
+
+def own_photo_conditions(p, cond, reference: str, seed: int):
+    """``cond`` with every condition on its own photo of its identity (:func:`with_references`):
+    ``reference`` ``celebrity_each`` draws them from pipeline ``p``'s base (celebrity) split, ``full_each`` from
+    the full range, with seed ``OWN_PHOTO_SEED[reference] + seed``. The report's own-photo row and ``base-probe
+    --reference celebrity_each`` use the same photos."""
+    from .splits import sample_split
+
+    if reference not in OWN_PHOTO_SEED:
+        raise ValueError(f"reference must be one of {list(OWN_PHOTO_SEED)}, got {reference!r}")
+    split = p.split_of("base") if reference == "celebrity_each" else "full"
+    who = np.asarray(cond["identity"])
+    refs = sample_split(p.world, split, len(who), OWN_PHOTO_SEED[reference] + seed, p.celebrity, identity=who)
+    return with_references(cond, p.world, p.arcface, refs)
 
 
 def reference_images(cond: Conditions) -> np.ndarray:

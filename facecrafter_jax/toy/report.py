@@ -139,9 +139,7 @@ class EvaluationContext:
         """The same conditions with every sample on its own base-split (celebrity) photo of its identity: the base
         model's in-distribution use, where copying of one photo averages out of the FD (the photos of base-probe's
         ``--reference celebrity_each``); built on first use."""
-        from .base_probe import own_photo_conditions
-
-        return own_photo_conditions(self._pipeline, self.cond, "celebrity_each", self.ev.seed)
+        return MS.own_photo_conditions(self._pipeline, self.cond, "celebrity_each", self.ev.seed)
 
     def measure(self, images: np.ndarray, per_identity: dict | None = None, cond: Conditions | None = None
                 ) -> dict[str, float]:
